@@ -1,0 +1,81 @@
+"""Input validation shared by every public function.
+
+All checks raise at the public boundary with an expected-versus-actual message, so that a
+user sees which argument is wrong and what would have been right. Shape, rank, range,
+dtype and option errors are ``ValueError``; an argument that is not a tensor at all is a
+``TypeError``. These are real ``raise`` statements, never ``assert``: asserts vanish under
+``python -O``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(x: Any, name: str) -> None:
+    """Raise ``TypeError`` unless ``x`` is a ``torch.Tensor``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def check_rank(x: Tensor, ndim: int, name: str, layout: str) -> None:
+    """Raise unless ``x`` is a tensor of rank ``ndim``; ``layout`` names the axes, e.g. (B, C, H, W)."""
+    check_tensor(x, name)
+    if x.ndim != ndim:
+        raise ValueError(
+            f"{name} must be {ndim}-D {layout}, got {x.ndim}-D with shape {tuple(x.shape)}"
+        )
+
+
+def check_floating(x: Tensor, name: str) -> None:
+    """Raise unless ``x`` holds floating-point values."""
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def check_integer(x: Tensor, name: str) -> None:
+    """Raise unless ``x`` holds integer labels (any integer dtype, not bool or float)."""
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer class labels, got dtype {x.dtype}")
+
+
+def check_shape(x: Tensor, expected: Sequence[int], name: str, layout: str) -> None:
+    """Raise unless ``x.shape`` equals ``expected`` exactly; nothing is broadcast."""
+    check_tensor(x, name)
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(expected)}, got {tuple(x.shape)}")
+
+
+def check_same_device(x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
+    """Raise unless both tensors live on the same device."""
+    if x.device != y.device:
+        raise ValueError(f"{y_name} must be on the same device as {x_name} ({x.device}), got {y.device}")
+
+
+def check_option(value: Any, name: str, choices: Sequence[str]) -> None:
+    """Raise unless ``value`` is one of ``choices``, listing the valid ones."""
+    if value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+
+
+def check_positive_int(value: Any, name: str) -> None:
+    """Raise unless ``value`` is an ``int`` greater than zero."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+
+
+def check_range(value: float, name: str, low: float, high: float, *, low_open: bool = False) -> None:
+    """Raise unless ``low <= value <= high`` (or ``low < value`` when ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    below = value <= low if low_open else value < low
+    if below or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")

@@ -1,0 +1,143 @@
+"""Fused FPA token projection with a hand-written, recomputing backward.
+
+Forward, per image with F of shape (C, N):
+
+    A  = softmax_N(F)                  spatial weights, Eq. 1        (C, N)
+    P  = A F^T                         channel prototypes, Eq. 2     (C, C)
+    Pn = P / max(|P_c|, eps)           row-normalised prototypes     (C, C)
+    Fn = F / max(|F_n|, eps)           pixel-normalised features     (C, N)
+    T  = Fn^T (W Pn)^T + bias          = L(Phi) with Phi = Pn Fn      (N, K)
+
+Autograd would keep A and Fn alive from the forward to the backward, two extra copies of the
+feature map each. Here only F (the caller's tensor), the per-channel log-sum-exp, the per-pixel
+norms and the small (C, C) and (K, C) matrices are saved; A and Fn are recomputed in backward.
+This is the difference between ~3 and ~5 feature-map copies of peak memory in FPA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _without_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Turn autocast off: the hand-written backward needs the dtypes the forward saved."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _normalize_backward(grad: Tensor, value: Tensor, norm: Tensor, eps: float, dim: int) -> Tensor:
+    """Gradient of ``value / norm.clamp_min(eps)`` with respect to ``value``.
+
+    ``norm`` is ``|value|`` along ``dim`` (kept as a size-1 axis). Where the norm is clamped
+    to eps the denominator is constant, exactly as in ``F.normalize``'s autograd graph.
+    """
+    scale = norm.clamp_min(eps)
+    projection = (grad * value).sum(dim, keepdim=True)  # <dOut, value> per vector
+    # d(value / |value|) = dOut / |value| - value <dOut, value> / |value|^3, only where unclamped
+    radial = torch.where(norm >= eps, projection / scale**3, 0.0)
+    return grad / scale - value * radial
+
+
+class PrototypeTokens(torch.autograd.Function):
+    """``x (B, C, N) -> key (B, N, K)[, value (B, N, K)]`` from the correlation map of x.
+
+    Keys and values come out as separate contiguous tensors, so their gradients arrive
+    separately too; slicing one fused (B, N, 2K) output would cost a zero-filled full-size
+    gradient per slice in backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        key_weight: Tensor,
+        key_bias: Tensor,
+        value_weight: Tensor | None,
+        value_bias: Tensor | None,
+        eps: float,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (B, C, 1)
+        protos = torch.exp(x - lse) @ x.transpose(1, 2)  # (B, C, C)
+        proto_norm = protos.norm(dim=-1, keepdim=True)  # (B, C, 1)
+        protos_n = protos / proto_norm.clamp_min(eps)  # (B, C, C)
+        pixel_norm = x.norm(dim=1, keepdim=True)  # (B, 1, N)
+        scale = pixel_norm.clamp_min(eps).transpose(1, 2)  # (B, N, 1)
+        weights = [key_weight] if value_weight is None else [key_weight, value_weight]
+        biases = [key_bias] if value_bias is None else [key_bias, value_bias]
+        mixed = [torch.matmul(w, protos_n) for w in weights]  # each (B, K, C)
+        # L(Phi) = Fn^T M^T + b = (x^T M^T) / |F_n| + b: the per-pixel scale is applied to the
+        # (B, N, K) product, so the normalised copy Fn is never stored.
+        outs = [torch.addcdiv(b, x.transpose(1, 2) @ m.transpose(1, 2), scale) for m, b in zip(mixed, biases)]
+        ctx.eps = eps
+        ctx.device_type = x.device.type
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, lse, protos, proto_norm, protos_n, pixel_norm, *weights, *mixed)
+        return outs[0] if len(outs) == 1 else (outs[0], outs[1])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> Any:
+        with _without_autocast(ctx.device_type):
+            return PrototypeTokens._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx: Any, *grads: Tensor | None) -> Any:
+        x, lse, protos, proto_norm, protos_n, pixel_norm, *rest = ctx.saved_tensors
+        eps = ctx.eps
+        count = len(rest) // 2
+        inv_scale = pixel_norm.clamp_min(eps).reciprocal().transpose(1, 2)  # (B, N, 1)
+        grad_protos_n = torch.zeros_like(protos)  # dPn, (B, C, C)
+        param_grads: list[Tensor | None] = [None, None, None, None]
+        used: list[tuple[Tensor, Tensor]] = []  # (G, M) for each output that got a gradient
+        for j, (grad, weight, mix) in enumerate(zip(grads, rest[:count], rest[count:])):
+            if grad is None:
+                continue
+            # dM = G^T Fn^T = (G / |F_n|)^T x^T, (B, K, C)
+            grad_mixed = (grad * inv_scale).transpose(1, 2) @ x.transpose(1, 2)
+            param_grads[2 * j] = (grad_mixed @ protos_n.transpose(1, 2)).sum(0)  # dW, (K, C)
+            param_grads[2 * j + 1] = grad.sum((0, 1))  # (K,)
+            grad_protos_n += torch.matmul(weight.t(), grad_mixed)  # dPn += W^T dM
+            used.append((grad, mix))
+        grad_protos = _normalize_backward(grad_protos_n, protos, proto_norm, eps, dim=-1)  # (B, C, C)
+
+        grad_x = torch.empty_like(x)
+        # The (C, N) temporaries are made one image at a time, so the peak stays near one
+        # image's worth rather than several copies of the whole batch.
+        for i in range(x.shape[0]):
+            xi = x[i]  # (C, N)
+            grad_pixels = torch.zeros_like(xi)  # dFn = M^T G^T, (C, N)
+            for grad, mix in used:
+                grad_pixels.addmm_(mix[i].t(), grad[i].t())
+            # Fn = x / |x_n| over channels
+            gi = _normalize_backward(grad_pixels, xi, pixel_norm[i], eps, dim=0)
+            weights_a = torch.exp(xi - lse[i])  # A recomputed, (C, N)
+            # P = A x^T: dx += dP^T A, and dA = dP x
+            gi.addmm_(grad_protos[i].t(), weights_a)
+            grad_a = grad_protos[i] @ xi  # (C, N)
+            # softmax backward: dx += A * (dA - <dA, A>)
+            grad_a -= (grad_a * weights_a).sum(-1, keepdim=True)
+            grad_x[i] = gi.addcmul_(weights_a, grad_a)
+        return (grad_x, *param_grads, None)
+
+
+def prototype_tokens(
+    x: Tensor,
+    key_weight: Tensor,
+    key_bias: Tensor,
+    value_weight: Tensor | None = None,
+    value_bias: Tensor | None = None,
+    eps: float = 1e-6,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Keys (B, N, K), and values when their weights are given, from x (B, C, N).
+
+    Computes in the promoted dtype of x and the weights with autocast off (under autocast the
+    attention that follows still runs in reduced precision).
+    """
+    dtype = torch.promote_types(x.dtype, key_weight.dtype)
+    params = [p if p is None else p.to(dtype) for p in (key_weight, key_bias, value_weight, value_bias)]
+    with _without_autocast(x.device.type):
+        return PrototypeTokens.apply(x.to(dtype), *params, eps)

@@ -1,0 +1,306 @@
+"""Foreground prototype attention (FPA), CSC-PA paper Eqs. 1-6.
+
+FPA lets each image of a labeled/unlabeled pair attend to the other. Pixels become tokens whose
+features are their cosine similarities to C channel prototypes, and a cross attention between
+the two images' tokens is added back onto the feature map.
+
+Memory: the N x N attention matrix is never formed (``scaled_dot_product_attention`` picks a
+flash or memory-efficient kernel), and neither is the (B, C, N) correlation map inside the
+layer: a linear projection of it is computed as ``(W @ norm(P)) @ norm(F)``, which costs a
+(B, 2d, C) matrix instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cscpa_layers._prototype_tokens import prototype_tokens
+from cscpa_layers._checks import (
+    check_floating,
+    check_option,
+    check_positive_int,
+    check_rank,
+    check_same_device,
+    check_shape,
+)
+
+__all__ = [
+    "ForegroundPrototypeAttention",
+    "channel_prototypes",
+    "correlation_map",
+    "foreground_prototype_attention",
+]
+
+VALUES_MODES = ("self", "partner")
+EVAL_PAIRINGS = ("identity", "self")
+
+
+def _check_features(x: Tensor, name: str) -> None:
+    check_rank(x, 4, name, "(B, C, H, W)")
+    check_floating(x, name)
+
+
+def channel_prototypes(x: Tensor) -> Tensor:
+    r"""Pool one prototype vector per channel with that channel's own spatial softmax.
+
+    Implements paper Eqs. 1-2: :math:`P_c = \sum_p \mathrm{softmax}_p(F_c)\, F_{:,p}`. The
+    softmax runs over the N pixels of each channel (as in channel-wise distillation), so row
+    c is the feature vector seen through channel c's attention map.
+
+    Args:
+        x: features of shape (B, C, H, W).
+
+    Returns:
+        Prototypes of shape (B, C, C); ``out[b, c]`` is prototype c, a C-dim vector.
+
+    Example:
+        >>> x = torch.randn(2, 8, 5, 7)
+        >>> channel_prototypes(x).shape
+        torch.Size([2, 8, 8])
+    """
+    _check_features(x, "x")
+    feats = x.flatten(2)  # (B, C, N)
+    weights = feats.softmax(dim=-1)  # (B, C, N), each row sums to 1 over pixels
+    return weights @ feats.transpose(1, 2)  # (B, C, C)
+
+
+def correlation_map(prototypes: Tensor, x: Tensor, *, eps: float = 1e-6) -> Tensor:
+    r"""Cosine similarity between every channel prototype and every pixel (paper Eq. 3).
+
+    :math:`\Phi = \mathrm{norm}(P)\,\mathrm{norm}(F)`, where norm is L2 normalisation with
+    ``eps`` as the smallest norm, so all-zero features give 0 rather than NaN.
+
+    Args:
+        prototypes: (B, C, C) from :func:`channel_prototypes`.
+        x: features of shape (B, C, H, W).
+        eps: smallest norm used by the normalisation.
+
+    Returns:
+        The correlation map Phi of shape (B, C, H, W); ``out[b, c, h, w]`` is the cosine
+        between prototype c and the pixel at (h, w).
+
+    Example:
+        >>> x = torch.randn(2, 8, 5, 7)
+        >>> phi = correlation_map(channel_prototypes(x), x)
+        >>> phi.shape, bool(phi.abs().max() <= 1 + 1e-6)
+        (torch.Size([2, 8, 5, 7]), True)
+    """
+    _check_features(x, "x")
+    b, c, h, w = x.shape
+    check_shape(prototypes, (b, c, c), "prototypes", "(B, C, C)")
+    protos = F.normalize(prototypes, dim=-1, eps=eps)  # (B, C, C)
+    pixels = F.normalize(x.flatten(2), dim=1, eps=eps)  # (B, C, N)
+    return (protos @ pixels).view(b, c, h, w)  # (B, C, N) -> (B, C, H, W)
+
+
+def foreground_prototype_attention(
+    x: Tensor,
+    partner: Tensor | None,
+    key_weight: Tensor,
+    key_bias: Tensor | None,
+    value_weight: Tensor,
+    value_bias: Tensor | None,
+    out_weight: Tensor,
+    out_bias: Tensor | None,
+    *,
+    values: str = "self",
+    eps: float = 1e-6,
+) -> Tensor:
+    r"""Cross-image prototype attention; returns :math:`F + F_f` (paper Eqs. 4-6).
+
+    Every pixel is a token whose feature is its row of the correlation map Phi
+    (:func:`correlation_map`). With keys :math:`K = L_k(\Phi)` and values
+    :math:`V = L_v(\Phi)`, image x attends to its partner p:
+
+    .. math::
+        F_f = L_o\big(\mathrm{softmax}(K_x K_p^\top / \sqrt{d})\, V\big)
+
+    where V is :math:`V_x` for ``values="self"`` (the paper's choice) and :math:`V_p` for
+    ``values="partner"`` (standard cross attention). The key projection is shared by both
+    images. The attention runs through ``scaled_dot_product_attention``, so the N x N
+    matrix is never materialised by the flash and memory-efficient kernels.
+
+    Args:
+        x: features of shape (B, C, H, W).
+        partner: features of shape (B, C, H', W'), image i attends to ``partner[i]``. With
+            ``values="self"`` the attention indexes the partner's pixels but reads x's
+            values, so (H', W') must equal (H, W). ``None`` pairs the two batch halves
+            index-wise (B must be even): image i of the first half with image i of the second,
+            and the other way round. Passing ``x`` itself pairs each image with itself.
+        key_weight: (d, C) weight of the shared key projection L_k.
+        key_bias: (d,) or None.
+        value_weight: (d, C) weight of the value projection L_v.
+        value_bias: (d,) or None.
+        out_weight: (C, d) weight of the output projection L_o back to C channels.
+        out_bias: (C,) or None.
+        values: ``"self"`` or ``"partner"``, which image supplies the values.
+        eps: smallest norm in the cosine normalisations.
+
+    Returns:
+        Tensor of shape (B, C, H, W): ``x + F_f``.
+
+    Example:
+        >>> fpa = ForegroundPrototypeAttention(8)
+        >>> x = torch.randn(4, 8, 6, 5)
+        >>> out = foreground_prototype_attention(
+        ...     x, None, fpa.key.weight, fpa.key.bias, fpa.value.weight, fpa.value.bias,
+        ...     fpa.out.weight, fpa.out.bias)
+        >>> out.shape
+        torch.Size([4, 8, 6, 5])
+    """
+    _check_features(x, "x")
+    check_option(values, "values", VALUES_MODES)
+    b, c, h, w = x.shape
+    check_rank(key_weight, 2, "key_weight", "(d, C)")
+    d = key_weight.shape[0]
+    check_shape(key_weight, (d, c), "key_weight", "(d, C)")
+    check_shape(value_weight, (d, c), "value_weight", "(d, C)")
+    check_shape(out_weight, (c, d), "out_weight", "(C, d)")
+    for bias, size, name, layout in (
+        (key_bias, d, "key_bias", "(d,)"),
+        (value_bias, d, "value_bias", "(d,)"),
+        (out_bias, c, "out_bias", "(C,)"),
+    ):
+        if bias is not None:
+            check_shape(bias, (size,), name, layout)
+    if partner is None and b % 2 != 0:
+        raise ValueError(
+            f"pairing the batch halves needs an even batch size, got B={b}; pass partner= "
+            "explicitly, or use eval mode with eval_pairing='identity' or 'self'"
+        )
+    if partner is not None and partner is not x:
+        _check_partner(x, partner, values)
+    key_bias = key_weight.new_zeros(d) if key_bias is None else key_bias
+    value_bias = value_weight.new_zeros(d) if value_bias is None else value_bias
+
+    # K = L_k(Phi) and V = L_v(Phi) in one fused projection; Phi is never materialised.
+    query, value = prototype_tokens(x.flatten(2), key_weight, key_bias, value_weight, value_bias, eps)
+    if partner is None:
+        # Image i of one half meets image i of the other: a roll by B/2 swaps the halves.
+        key = query.roll(b // 2, dims=0)  # (B, N, d)
+        if values == "partner":
+            value = value.roll(b // 2, dims=0)  # (B, N, d)
+    elif partner is x:
+        key = query
+    elif values == "partner":
+        key, value = prototype_tokens(partner.flatten(2), key_weight, key_bias, value_weight, value_bias, eps)
+    else:
+        key = prototype_tokens(partner.flatten(2), key_weight, key_bias, eps=eps)  # (B, N', d)
+
+    # One head, (B, 1, N, d): both pairing directions sit in the batch axis, so this is one call.
+    attended = F.scaled_dot_product_attention(
+        query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+    ).squeeze(1)  # (B, N, d)
+    # x + L_o(attended), produced directly in x's (B, C, N) layout by one fused call
+    residual = x.flatten(2) if out_bias is None else x.flatten(2) + out_bias[:, None]
+    out = torch.baddbmm(residual, out_weight.expand(b, c, d), attended.transpose(1, 2))  # (B, C, N)
+    return out.view(b, c, h, w)
+
+
+def _check_partner(x: Tensor, partner: Tensor, values: str) -> None:
+    _check_features(partner, "partner")
+    check_same_device(x, partner, "x", "partner")
+    if partner.dtype != x.dtype:
+        raise ValueError(f"partner must have dtype {x.dtype} like x, got {partner.dtype}")
+    if partner.shape[:2] != x.shape[:2]:
+        raise ValueError(
+            f"partner must have the batch size and channels of x, (B, C) = {tuple(x.shape[:2])}, "
+            f"got {tuple(partner.shape[:2])}"
+        )
+    if values == "self" and partner.shape[2:] != x.shape[2:]:
+        raise ValueError(
+            "with values='self' the attention weights index the partner's pixels but read "
+            f"x's values, so partner must have the spatial size of x, (H, W) = {tuple(x.shape[2:])}, "
+            f"got {tuple(partner.shape[2:])}; use values='partner' for different sizes"
+        )
+
+
+class ForegroundPrototypeAttention(nn.Module):
+    r"""Foreground prototype attention layer; see :func:`foreground_prototype_attention`.
+
+    Holds the key, value and output projections (``C -> d``, ``C -> d``, ``d -> C``, with
+    ``d = key_channels``, by default C // 2 as in the authors' 512 -> 256 -> 512). Keys and
+    values have the same width so the fused attention kernels apply (flash attention needs
+    equal head widths of at most 256).
+
+    In training, ``forward(x)`` pairs the batch halves (labeled first, unlabeled second). In
+    eval mode without a partner, ``eval_pairing="identity"`` returns ``x`` unchanged (the
+    authors skip FPA at test time) and ``"self"`` pairs each image with itself.
+
+    Args:
+        channels: C, the channels of the feature map.
+        key_channels: d, the width of keys and values; default ``max(1, channels // 2)``.
+        values: ``"self"`` (paper) or ``"partner"`` (standard cross attention).
+        eval_pairing: ``"identity"`` or ``"self"``, what eval mode does without a partner.
+        eps: smallest norm in the cosine normalisations.
+
+    Shape:
+        - x: (B, C, H, W), B even in training unless ``partner`` is given.
+        - partner: (B, C, H', W'), with (H', W') = (H, W) under ``values="self"``.
+        - output: (B, C, H, W).
+
+    Example:
+        >>> fpa = ForegroundPrototypeAttention(16)
+        >>> x = torch.randn(4, 16, 9, 7)
+        >>> fpa(x).shape
+        torch.Size([4, 16, 9, 7])
+        >>> _ = fpa.eval()
+        >>> torch.equal(fpa(x[:1]), x[:1])
+        True
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        key_channels: int | None = None,
+        values: str = "self",
+        eval_pairing: str = "identity",
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        check_positive_int(channels, "channels")
+        key_channels = max(1, channels // 2) if key_channels is None else key_channels
+        check_positive_int(key_channels, "key_channels")
+        check_option(values, "values", VALUES_MODES)
+        check_option(eval_pairing, "eval_pairing", EVAL_PAIRINGS)
+        self.channels = channels
+        self.key_channels = key_channels
+        self.values = values
+        self.eval_pairing = eval_pairing
+        self.eps = eps
+        self.key = nn.Linear(channels, key_channels)
+        self.value = nn.Linear(channels, key_channels)
+        self.out = nn.Linear(key_channels, channels)
+
+    def forward(self, x: Tensor, partner: Tensor | None = None) -> Tensor:
+        _check_features(x, "x")
+        if x.shape[1] != self.channels:
+            raise ValueError(
+                f"x must have {self.channels} channels (the layer's `channels`), got {x.shape[1]} "
+                f"in shape {tuple(x.shape)}"
+            )
+        if partner is None and not self.training:
+            if self.eval_pairing == "identity":
+                return x
+            partner = x
+        return foreground_prototype_attention(
+            x,
+            partner,
+            self.key.weight,
+            self.key.bias,
+            self.value.weight,
+            self.value.bias,
+            self.out.weight,
+            self.out.bias,
+            values=self.values,
+            eps=self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, key_channels={self.key_channels}, values={self.values!r}, "
+            f"eval_pairing={self.eval_pairing!r}, eps={self.eps}"
+        )

@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Set up a local virtual environment, then run the main job or the tests.
+
+    python3 run.py main [ARGS...]   # the main job (see README); ARGS go to it
+    python3 run.py test [ARGS...]   # type check + the whole test suite; ARGS go to pytest
+
+The environment lives in ``.venv`` next to this file (``CSCPA_VENV`` overrides the path). It is
+created on first use and reinstalled only when pyproject.toml or setup.cfg change. Needs
+nothing but Python >= 3.10; PyTorch and the rest come from the package index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("CSCPA_VENV", ROOT / ".venv"))
+EXTRAS = {"main": "examples", "test": "test,examples"}
+MAIN_JOB = ["examples/fpa_sequential.py"]
+
+
+def venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def ensure_environment(extras: str) -> Path:
+    """Create or reuse the venv and install the package with ``extras``; return its python."""
+    digest = hashlib.sha256()
+    for name in ("pyproject.toml", "setup.cfg"):
+        digest.update((ROOT / name).read_bytes())
+    wanted = f"{digest.hexdigest()} {extras}"
+    stamp = VENV / ".cscpa-installed"
+    python = venv_python()
+    installed = stamp.read_text().split("\n") if stamp.exists() else []
+    if python.exists() and wanted in installed:
+        return python
+    if not python.exists():
+        print(f"[run.py] creating virtual environment in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    print(f"[run.py] installing cscpa_layers[{extras}] into {VENV} (the first time pulls PyTorch)", flush=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", "-e", f".[{extras}]"],
+        cwd=ROOT,
+        check=True,
+    )
+    stamp.write_text("\n".join([*installed, wanted]))
+    return python
+
+
+def main(argv: list[str]) -> int:
+    if sys.version_info < (3, 10):
+        print("run.py needs Python >= 3.10", file=sys.stderr)
+        return 2
+    if not argv or argv[0] not in EXTRAS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    try:
+        python = ensure_environment(EXTRAS[command])
+    except subprocess.CalledProcessError as error:
+        print(f"[run.py] installing the environment failed ({error}); see pip's output above", file=sys.stderr)
+        return 1
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if command == "main":
+        return subprocess.call([str(python), *MAIN_JOB, *rest], cwd=ROOT, env=env)
+    status = subprocess.call([str(python), "-m", "mypy", "cscpa_layers"], cwd=ROOT, env=env)
+    if status != 0:
+        return status
+    return subprocess.call([str(python), "-m", "pytest", *rest], cwd=ROOT, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,397 @@
+"""ForegroundPrototypeAttention: the style-rule-12 checklist, against the dense reference."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from cscpa_layers import (
+    ForegroundPrototypeAttention,
+    channel_prototypes,
+    correlation_map,
+    foreground_prototype_attention,
+)
+from cscpa_layers._reference.prototype_attention import (
+    channel_prototypes_dense,
+    correlation_map_dense,
+    foreground_prototype_attention_dense,
+)
+from tests.conftest import DEVICES, TOLERANCES, compile_available
+
+
+def _params(layer: ForegroundPrototypeAttention) -> tuple[torch.Tensor, ...]:
+    return (
+        layer.key.weight,
+        layer.key.bias,
+        layer.value.weight,
+        layer.value.bias,
+        layer.out.weight,
+        layer.out.bias,
+    )
+
+
+def _dense(layer: ForegroundPrototypeAttention, x: torch.Tensor, partner: torch.Tensor | None) -> torch.Tensor:
+    return foreground_prototype_attention_dense(x, partner, *_params(layer), values=layer.values, eps=layer.eps)
+
+
+@st.composite
+def fpa_cases(draw: st.DrawFn) -> tuple[int, int, int, int, torch.dtype]:
+    b = 2 * draw(st.integers(1, 3))
+    c = draw(st.integers(1, 24))
+    h = draw(st.integers(1, 12))
+    w = draw(st.integers(1, 12).filter(lambda v: v != h) | st.just(h))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    return b, c, h, w, dtype
+
+
+# --- smoke and shapes -----------------------------------------------------------------------
+
+
+def test_smoke() -> None:
+    layer = ForegroundPrototypeAttention(8)
+    x = torch.randn(4, 8, 6, 5)
+    out = layer(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert not torch.equal(out, x)  # training pairs the halves, so F_f is added
+
+
+@given(fpa_cases(), st.sampled_from(["self", "partner"]))
+def test_shape_dtype_and_reference_property(case: tuple[int, int, int, int, torch.dtype], values: str) -> None:
+    b, c, h, w, dtype = case
+    layer = ForegroundPrototypeAttention(c, values=values).to(dtype)
+    x = torch.randn(b, c, h, w, dtype=dtype)
+    out = layer(x)
+    assert out.shape == (b, c, h, w)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    ref = _dense(layer.double(), x.double(), None)
+    torch.testing.assert_close(out.double(), ref, **TOLERANCES[dtype])
+
+
+@given(
+    b=st.integers(1, 3),
+    c=st.integers(1, 8),
+    size=st.tuples(st.integers(1, 6), st.integers(1, 6)),
+    partner_size=st.tuples(st.integers(1, 6), st.integers(1, 6)),
+)
+def test_partner_values_allow_other_spatial_size(
+    b: int, c: int, size: tuple[int, int], partner_size: tuple[int, int]
+) -> None:
+    layer = ForegroundPrototypeAttention(c, values="partner").double()
+    x = torch.randn(b, c, *size, dtype=torch.float64)
+    partner = torch.randn(b, c, *partner_size, dtype=torch.float64)
+    out = layer(x, partner)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, _dense(layer, x, partner))
+
+
+# --- hand-computed values -------------------------------------------------------------------
+
+
+def test_prototypes_of_a_constant_map_are_the_mean_feature() -> None:
+    # Constant channels give a uniform spatial softmax, so every prototype is the mean pixel.
+    x = torch.zeros(1, 2, 2, 2)
+    x[0, 0] = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    x[0, 1] = torch.tensor([[2.0, 2.0], [2.0, 2.0]])
+    expected = torch.tensor([[[1.0, 2.0], [1.0, 2.0]]])
+    torch.testing.assert_close(channel_prototypes(x), expected)
+
+
+def test_prototype_follows_the_peak_of_its_channel() -> None:
+    # Channel 0 peaks sharply at pixel 0, so prototype 0 is (almost) pixel 0's feature vector.
+    x = torch.tensor([[[[50.0, 0.0, 0.0]], [[1.0, 2.0, 3.0]]]])  # (1, 2, 1, 3)
+    protos = channel_prototypes(x)
+    torch.testing.assert_close(protos[0, 0], torch.tensor([50.0, 1.0]), atol=1e-4, rtol=0)
+    # Channel 1's softmax over (1, 2, 3) weighs the pixels by e^1 : e^2 : e^3.
+    weights = torch.softmax(torch.tensor([1.0, 2.0, 3.0]), 0)
+    torch.testing.assert_close(protos[0, 1], torch.stack([weights @ x[0, 0, 0], weights @ x[0, 1, 0]]))
+
+
+def test_correlation_is_cosine() -> None:
+    x = torch.tensor([[[[3.0, 0.0]], [[4.0, 1.0]]]])  # pixels (3, 4) and (0, 1)
+    protos = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    phi = correlation_map(protos, x)
+    expected = torch.tensor([[[[0.6, 0.0]], [[0.8, 1.0]]]])
+    torch.testing.assert_close(phi, expected)
+
+
+def test_functional_pieces_match_dense() -> None:
+    x = torch.randn(3, 5, 4, 6, dtype=torch.float64)
+    torch.testing.assert_close(channel_prototypes(x), channel_prototypes_dense(x))
+    torch.testing.assert_close(correlation_map(channel_prototypes(x), x), correlation_map_dense(x))
+
+
+# --- gradients --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", ["self", "partner"])
+@pytest.mark.parametrize("pairing", ["halves", "self", "explicit"])
+def test_gradcheck(values: str, pairing: str) -> None:
+    layer = ForegroundPrototypeAttention(6, key_channels=4, values=values).double()
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+    partner = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+
+    def fn(x: torch.Tensor, partner: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        other = {"halves": None, "self": x, "explicit": partner}[pairing]
+        return foreground_prototype_attention(x, other, *params, values=values)
+
+    params = tuple(p.detach().requires_grad_() for p in _params(layer))
+    assert torch.autograd.gradcheck(fn, (x, partner, *params))
+
+
+@pytest.mark.parametrize("values", ["self", "partner"])
+@pytest.mark.parametrize("pairing", ["halves", "explicit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_path_equals_dense_in_value_and_gradient(values: str, pairing: str, dtype: torch.dtype) -> None:
+    layer = ForegroundPrototypeAttention(16, values=values).to(dtype)
+    x = torch.randn(4, 16, 7, 9, dtype=dtype, requires_grad=True)
+    partner = torch.randn(4, 16, 7, 9, dtype=dtype, requires_grad=True) if pairing == "explicit" else None
+    inputs = [x, *([partner] if partner is not None else []), *layer.parameters()]
+    upstream = torch.randn(4, 16, 7, 9, dtype=dtype)
+
+    out = layer(x, partner)
+    grads = torch.autograd.grad(out, inputs, upstream)
+    ref = _dense(layer, x, partner)
+    ref_grads = torch.autograd.grad(ref, inputs, upstream)
+
+    torch.testing.assert_close(out, ref, **TOLERANCES[dtype])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+
+
+def test_every_parameter_receives_gradient() -> None:
+    layer = ForegroundPrototypeAttention(8)
+    layer(torch.randn(2, 8, 4, 4)).square().sum().backward()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+# --- pairings ---------------------------------------------------------------------------------
+
+
+def test_halves_pairing_matches_explicit_swapped_partner() -> None:
+    layer = ForegroundPrototypeAttention(8)
+    x = torch.randn(4, 8, 5, 5)
+    swapped = torch.cat([x[2:], x[:2]])
+    torch.testing.assert_close(layer(x), layer(x, swapped))
+
+
+def test_each_image_depends_only_on_its_partner() -> None:
+    layer = ForegroundPrototypeAttention(8)
+    x = torch.randn(4, 8, 5, 5)
+    y = x.clone()
+    y[3] += 1.0  # image 3 is the partner of image 1 only
+    changed = (layer(x) - layer(y)).flatten(1).abs().amax(1) > 0
+    assert changed.tolist() == [False, True, False, True]
+
+
+def test_eval_identity_returns_input() -> None:
+    layer = ForegroundPrototypeAttention(8, eval_pairing="identity").eval()
+    x = torch.randn(1, 8, 5, 4)
+    assert torch.equal(layer(x), x)
+
+
+def test_eval_self_pairs_each_image_with_itself() -> None:
+    layer = ForegroundPrototypeAttention(8, eval_pairing="self").double().eval()
+    x = torch.randn(3, 8, 5, 4, dtype=torch.float64)  # odd batch is fine in eval
+    out = layer(x)
+    torch.testing.assert_close(out, _dense(layer, x, x))
+    torch.testing.assert_close(out[1:2], layer(x[1:2]))  # independent of the rest of the batch
+
+
+def test_eval_with_explicit_partner_uses_it() -> None:
+    layer = ForegroundPrototypeAttention(8).double().eval()
+    x = torch.randn(1, 8, 5, 4, dtype=torch.float64)
+    partner = torch.randn(1, 8, 5, 4, dtype=torch.float64)
+    torch.testing.assert_close(layer(x, partner), _dense(layer, x, partner))
+
+
+# --- degenerate input -------------------------------------------------------------------------
+
+
+def test_all_zero_features_stay_finite() -> None:
+    layer = ForegroundPrototypeAttention(8)
+    x = torch.zeros(2, 8, 4, 4, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_one_by_one_map() -> None:
+    layer = ForegroundPrototypeAttention(4).double()
+    x = torch.randn(2, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(layer(x), _dense(layer, x, None))
+    assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
+
+
+def test_empty_batch_gives_empty_output() -> None:
+    layer = ForegroundPrototypeAttention(4)
+    x = torch.randn(0, 4, 3, 3, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (0, 4, 3, 3)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_large_magnitudes_stay_finite() -> None:
+    layer = ForegroundPrototypeAttention(8)
+    x = (1e4 * torch.randn(2, 8, 5, 5)).requires_grad_()
+    out = layer(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+
+
+# --- module, state and compilation ------------------------------------------------------------
+
+
+def test_module_equals_function() -> None:
+    layer = ForegroundPrototypeAttention(8, values="partner")
+    x = torch.randn(4, 8, 3, 5)
+    torch.testing.assert_close(layer(x), foreground_prototype_attention(x, None, *_params(layer), values="partner"))
+
+
+def test_extra_repr_shows_every_hyper_parameter() -> None:
+    text = repr(ForegroundPrototypeAttention(8, key_channels=2, values="partner", eval_pairing="self", eps=1e-5))
+    for part in ("channels=8", "key_channels=2", "values='partner'", "eval_pairing='self'", "eps=1e-05"):
+        assert part in text
+
+
+def test_default_key_channels_halve_the_width() -> None:
+    layer = ForegroundPrototypeAttention(512)
+    assert (layer.key.out_features, layer.value.out_features, layer.out.in_features) == (256, 256, 256)
+    assert ForegroundPrototypeAttention(1).key_channels == 1
+
+
+def test_state_dict_round_trip() -> None:
+    layer = ForegroundPrototypeAttention(8, values="partner")
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    clone = ForegroundPrototypeAttention(8, values="partner")
+    clone.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(clone(x), layer(x))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compile_available(), reason="inductor needs a C++ compiler")
+def test_compiled_equals_eager() -> None:
+    layer = ForegroundPrototypeAttention(8)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(4, 8, 5, 6, requires_grad=True)
+    eager_out = layer(x)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), [x, *layer.parameters()])
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_autocast_bfloat16_runs_and_backpropagates() -> None:
+    layer = ForegroundPrototypeAttention(8)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    ref = _dense(layer.double(), x.detach().double(), None)
+    torch.testing.assert_close(out.double(), ref, **TOLERANCES[torch.bfloat16])
+
+
+def test_cpu_runs_on_the_flash_kernel_alone() -> None:
+    # With only FLASH_ATTENTION allowed, a fallback to the math kernel (which materialises the
+    # N x N matrix) would raise instead of running silently.
+    layer = ForegroundPrototypeAttention(8)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        layer(x).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_uses_fused_kernels_and_equals_cpu(dtype: torch.dtype) -> None:
+    layer = ForegroundPrototypeAttention(64)
+    x = torch.randn(4, 64, 16, 16, requires_grad=True)
+    cpu_out = layer(x)
+    cpu_grad = torch.autograd.grad(cpu_out.sum(), x)[0]
+    layer_cuda = layer.to("cuda", dtype)
+    x_cuda = x.detach().to("cuda", dtype).requires_grad_()
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    with sdpa_kernel(backends):
+        out = layer_cuda(x_cuda)
+        grad = torch.autograd.grad(out.sum(), x_cuda)[0]
+    tol = {"atol": 1e-3, "rtol": 1e-3} if dtype == torch.float32 else {"atol": 1e-1, "rtol": 5e-2}
+    torch.testing.assert_close(out.float().cpu(), cpu_out, **tol)
+    torch.testing.assert_close(grad.float().cpu(), cpu_grad, **tol)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_odd_batch_in_training_without_partner_raises() -> None:
+    with pytest.raises(ValueError, match=r"even batch size, got B=3"):
+        ForegroundPrototypeAttention(4)(torch.randn(3, 4, 2, 2))
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 2), (2, 4, 2, 2, 1), (4,)])
+def test_wrong_rank_raises(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"x must be 4-D \(B, C, H, W\), got \d-D"):
+        ForegroundPrototypeAttention(4)(torch.randn(*shape))
+
+
+def test_wrong_channel_count_raises() -> None:
+    with pytest.raises(ValueError, match=r"x must have 4 channels .* got 3"):
+        ForegroundPrototypeAttention(4)(torch.randn(2, 3, 2, 2))
+
+
+def test_partner_of_other_size_under_self_values_raises() -> None:
+    layer = ForegroundPrototypeAttention(4, values="self")
+    with pytest.raises(ValueError, match=r"spatial size of x, \(H, W\) = \(2, 2\), got \(3, 2\)"):
+        layer(torch.randn(2, 4, 2, 2), torch.randn(2, 4, 3, 2))
+
+
+def test_partner_of_other_batch_raises() -> None:
+    with pytest.raises(ValueError, match=r"batch size and channels of x, \(B, C\) = \(2, 4\), got \(3, 4\)"):
+        ForegroundPrototypeAttention(4, values="partner")(torch.randn(2, 4, 2, 2), torch.randn(3, 4, 2, 2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"values": "query"}, r"values must be one of 'self', 'partner', got 'query'"),
+        ({"eval_pairing": "mean"}, r"eval_pairing must be one of 'identity', 'self', got 'mean'"),
+        ({"key_channels": 0}, r"key_channels must be a positive int, got 0"),
+    ],
+)
+def test_bad_options_raise(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ForegroundPrototypeAttention(4, **kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_types_raise_type_error() -> None:
+    with pytest.raises(TypeError, match=r"channels must be an int, got float"):
+        ForegroundPrototypeAttention(4.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor, got list"):
+        ForegroundPrototypeAttention(4)([[1.0]])  # type: ignore[arg-type]
+
+
+def test_integer_features_raise() -> None:
+    with pytest.raises(ValueError, match=r"x must be a floating-point tensor, got dtype torch.int64"):
+        ForegroundPrototypeAttention(4)(torch.ones(2, 4, 2, 2, dtype=torch.long))
+
+
+def test_functional_weight_shapes_are_checked() -> None:
+    layer = ForegroundPrototypeAttention(4)
+    params = list(_params(layer))
+    params[2] = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"value_weight must have shape \(d, C\) = \(2, 4\), got \(3, 4\)"):
+        foreground_prototype_attention(torch.randn(2, 4, 2, 2), None, *params)
