@@ -54,8 +54,8 @@ def test_shape_dtype_and_reference_property(case: tuple[int, int, int, int, torc
     assert torch.isfinite(out).all()
     ref = edge_prototype_attention_dense(x.double(), prototype.double(), temperature=temperature, rescale=rescale)
     tol = dict(TOLERANCES[dtype])
-    if dtype == torch.bfloat16:  # F_e is up to e^(2/T) |P_e|: scale the tolerance with it
-        tol["atol"] *= math.exp(2 / temperature)
+    if dtype == torch.bfloat16:  # x + F_e can cancel: allow a few bf16 ulps of the largest entry
+        tol["atol"] = max(tol["atol"], 0.05 * ref.abs().max().item())
     torch.testing.assert_close(out.double(), ref, **tol)
 
 
