@@ -1,0 +1,317 @@
+"""Turn result JSON files into docs/benchmarks.md: ratios against the baselines, targets met/missed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.runner import format_seconds
+
+MIN_MIB_FOR_RATIO = 1.0  # below this an RSS reading is page noise, so no memory ratio
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A performance target of issue 7, checked row by row on one suite's results."""
+
+    suite: str
+    ops: tuple[str, ...]  # op names, or prefixes ending in "*"
+    text: str
+    min_speedup: float | None = None  # baseline / candidate time, at least
+    min_memory_ratio: float | None = None  # baseline / candidate extra peak, at least
+    max_overhead: float | None = None  # candidate / baseline time, at most
+    min_pixels: int = 0  # only rows with H*W at least this
+    devices: tuple[str, ...] = ("cpu", "cuda")
+
+
+TARGETS = [
+    Target("fpa", ("forward+backward",), "FPA forward+backward ≥ 2× faster and ≥ 5× less extra memory than dense, at N ≥ 64²", 2.0, 5.0, min_pixels=64 * 64),
+    Target("pal", ("forward+backward*",), "PAL forward+backward ≥ 4× faster and ≥ 5× less extra memory than dense (rows at N ≥ 64²)", 4.0, 5.0, min_pixels=64 * 64),
+    Target("masking", ("mask",), "confidence masking ≥ 10× faster than the per-patch loop", 10.0),
+    Target("iteration", ("iteration",), "CSC-PA parts' overhead on a full training iteration ≤ 1.15× on CPU", max_overhead=1.15, devices=("cpu",)),
+]
+
+
+# ------------------------------------------------------------------------------ pairing rows
+
+
+def _key(entry: dict[str, Any]) -> tuple[str, str, tuple[tuple[str, int], ...]]:
+    return entry["op"], entry["dtype"], tuple(entry["sizes"].items())
+
+
+def paired_rows(section: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (op, dtype, sizes), with the candidate and baseline entries and the ratios."""
+    candidate, baseline = section["impls"]
+    rows: dict[tuple[str, str, tuple[tuple[str, int], ...]], dict[str, Any]] = {}
+    for entry in section["results"]:
+        row = rows.setdefault(_key(entry), {"op": entry["op"], "dtype": entry["dtype"], "sizes": entry["sizes"]})
+        row["candidate" if entry["impl"] == candidate else "baseline"] = entry
+    for row in rows.values():
+        row.update(ratios(row.get("candidate"), row.get("baseline")))
+    return list(rows.values())
+
+
+def _ok(entry: dict[str, Any] | None) -> bool:
+    return entry is not None and entry.get("status") == "ok"
+
+
+def ratios(candidate: dict[str, Any] | None, baseline: dict[str, Any] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if candidate is None or baseline is None or not (_ok(candidate) and _ok(baseline)):
+        return out
+    out["speedup"] = baseline["median_s"] / candidate["median_s"]
+    out["overhead"] = candidate["median_s"] / baseline["median_s"]
+    mem_c, mem_b = candidate.get("peak_extra_mib"), baseline.get("peak_extra_mib")
+    if mem_c is not None and mem_b is not None and min(mem_c, mem_b) >= MIN_MIB_FOR_RATIO:
+        out["memory_ratio"] = mem_b / mem_c
+    return out
+
+
+def _op_matches(op: str, patterns: tuple[str, ...]) -> bool:
+    return any(op.startswith(p[:-1]) if p.endswith("*") else op == p for p in patterns)
+
+
+def _pixels(sizes: dict[str, int]) -> int:
+    return sizes.get("H", 0) * sizes.get("W", 0) if "H" in sizes else 1 << 62
+
+
+def evaluate(target: Target, device: str, section: dict[str, Any] | None) -> dict[str, Any]:
+    """Per-row verdicts and an overall one: met (every measured row), missed, or not measured."""
+    if device not in target.devices:
+        return {"verdict": "not a target on this device", "rows": []}
+    if section is None or section.get("unavailable"):
+        reason = "suite not run" if section is None else f"not run: {section['unavailable']}"
+        return {"verdict": "not measured", "reason": reason, "rows": []}
+    checked = []
+    for row in paired_rows(section):
+        if not _op_matches(row["op"], target.ops) or _pixels(row["sizes"]) < target.min_pixels:
+            continue
+        if "speedup" not in row:
+            checked.append({**row, "verdict": "not measured"})
+            continue
+        misses = []
+        if target.min_speedup is not None and row["speedup"] < target.min_speedup:
+            misses.append(f"speed {row['speedup']:.2f}× < {target.min_speedup:g}×")
+        if target.min_memory_ratio is not None:
+            if "memory_ratio" not in row:
+                misses.append("memory not measured")
+            elif row["memory_ratio"] < target.min_memory_ratio:
+                misses.append(f"memory {row['memory_ratio']:.2f}× < {target.min_memory_ratio:g}×")
+        if target.max_overhead is not None and row["overhead"] > target.max_overhead:
+            misses.append(f"overhead {row['overhead']:.2f}× > {target.max_overhead:g}×")
+        checked.append({**row, "verdict": "met" if not misses else "missed", "misses": misses})
+    measured = [r for r in checked if r["verdict"] != "not measured"]
+    if not measured:
+        return {"verdict": "not measured", "reason": "no row at the target's sizes was measured on both sides", "rows": checked}
+    missed = [r for r in measured if r["verdict"] == "missed"]
+    verdict = "met" if not missed else "missed"
+    return {"verdict": verdict, "rows": checked, "met_rows": len(measured) - len(missed), "measured_rows": len(measured)}
+
+
+# ------------------------------------------------------------------------------ markdown
+
+
+def _dims(sizes: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sizes.items())
+
+
+def _time_cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "—"
+    if entry["status"] != "ok":
+        single = entry.get("single_run_s")
+        extra = f" (one run {single:.0f} s)" if single is not None else ""
+        return f"{entry['status']}{extra}"
+    return f"{format_seconds(entry['median_s'])} ± {format_seconds(entry['iqr_s'] / 2)}"
+
+
+def _mem_cell(entry: dict[str, Any] | None) -> str:
+    if entry is None or entry["status"] != "ok" or entry.get("peak_extra_mib") is None:
+        return "—"
+    return f"{entry['peak_extra_mib']:.1f} MiB"
+
+
+def _verdict_for(row: dict[str, Any], evaluations: list[tuple[Target, dict[str, Any]]]) -> str:
+    for _, evaluation in evaluations:
+        for checked in evaluation["rows"]:
+            if _key_row(checked) == _key_row(row) and checked["verdict"] in ("met", "missed"):
+                return checked["verdict"] if checked["verdict"] == "met" else "missed: " + "; ".join(checked["misses"])
+    return ""
+
+
+def _key_row(row: dict[str, Any]) -> tuple[str, str, tuple[tuple[str, int], ...]]:
+    return row["op"], row["dtype"], tuple(row["sizes"].items())
+
+
+def suite_table(name: str, section: dict[str, Any], device: str) -> list[str]:
+    lines = [f"### {section['title']}", ""]
+    if section.get("unavailable"):
+        return lines + [f"Not run: {section['unavailable']}", ""]
+    cand, base = section["impls"]
+    labels = section.get("impl_labels", {})
+    lines += [f"- **{cand}**: {labels.get(cand, cand)}", f"- **{base}**: {labels.get(base, base)}"]
+    lines += [f"- {note}" for note in section.get("notes", [])]
+    if section.get("git_sha"):
+        lines.append(f"- measured at `{section['git_sha'][:10]}` on {section.get('created', '?')}")
+    lines.append("")
+    overhead = section["ratio"] == "overhead"
+    ratio_head = "overhead" if overhead else "speed-up"
+    lines.append(
+        f"| op | dtype | sizes | {cand} (median ± IQR/2) | {base} (median ± IQR/2) | {ratio_head} | "
+        f"{cand} extra peak | {base} extra peak | memory {'ratio' if overhead else 'saving'} | target |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    evaluations = [(t, evaluate(t, device, section)) for t in TARGETS if t.suite == name]
+    for row in paired_rows(section):
+        c, b = row.get("candidate"), row.get("baseline")
+        if overhead:
+            ratio = f"{row['overhead']:.2f}×" if "overhead" in row else "—"
+            memory = f"{1 / row['memory_ratio']:.2f}×" if "memory_ratio" in row else "—"
+        else:
+            ratio = f"{row['speedup']:.2f}×" if "speedup" in row else "—"
+            memory = f"{row['memory_ratio']:.1f}× less" if "memory_ratio" in row else "—"
+        lines.append(
+            f"| {row['op']} | {row['dtype']} | {_dims(row['sizes'])} | {_time_cell(c)} | {_time_cell(b)} | {ratio} | "
+            f"{_mem_cell(c)} | {_mem_cell(b)} | {memory} | {_verdict_for(row, evaluations)} |"
+        )
+    notes = [
+        f"{row['op']} {row['dtype']} {_dims(row['sizes'])} ({impl}): {entry['note']}"
+        for row in paired_rows(section)
+        for impl, entry in (("candidate", row.get("candidate")), ("baseline", row.get("baseline")))
+        if entry is not None and entry.get("note")
+    ]
+    if notes:
+        lines += ["", "Skipped or failed:", ""] + [f"- {n}" for n in notes]
+    lines.append("")
+    return lines
+
+
+def machine_line(meta: dict[str, Any], settings: dict[str, Any], mode: str) -> str:
+    name = meta["device_name"]
+    if meta["device"] == "cuda":
+        name = f"{meta['device_count']}× {name} (CUDA {meta.get('torch_cuda')}), host CPU {meta['cpu_model']}"
+    else:
+        name = f"{name}, {meta['cpu_count']} cores"
+    dirty = " (uncommitted changes)" if meta.get("git_dirty") else ""
+    return (
+        f"{name}; torch {meta['torch']}, {meta['threads']} threads; code `{meta['git_sha'][:10]}`{dirty}; "
+        f"{meta['created']}; mode `{mode}` (min run time {settings['min_run_time']:g} s, at least "
+        f"{settings['repeats']} runs, time limit {settings['time_limit']:g} s per run)."
+    )
+
+
+def latest_results(results_dir: Path, device: str, *, smoke: bool = False) -> tuple[Path, dict[str, Any]] | None:
+    """The newest full run for ``device``, else the newest quick run (smoke runs only if asked)."""
+    found: list[tuple[int, str, Path, dict[str, Any]]] = []
+    for path in sorted(results_dir.glob(f"{device}-*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        mode = data.get("mode")
+        if mode not in ("full", "quick", "smoke" if smoke else "full") or data.get("meta", {}).get("device") != device:
+            continue
+        found.append(({"full": 2, "quick": 1}.get(mode, 0), data["meta"]["created"], path, data))
+    if not found:
+        return None
+    _, _, path, data = max(found, key=lambda item: (item[0], item[1]))
+    return path, data
+
+
+HOW_TO_RUN = """\
+```bash
+python benchmarks/run.py --device cpu --quick           # reduced sizes, under 5 minutes on 2 cores
+python benchmarks/run.py --device cpu                   # full sizes up to B=8, C=512, H=W=129
+python benchmarks/run.py --device cuda                  # on a machine with an NVIDIA GPU
+python benchmarks/run.py --device cpu --suite fpa pal   # some suites only
+python benchmarks/run.py --device cpu --report-only     # rewrite this page from benchmarks/results/
+```
+
+Each run writes `benchmarks/results/<device>-<date>[-quick].json` (suites measured again on the
+same day replace their section) and rewrites this page from the newest full run per device, or
+the newest quick run when there is no full one. Run it on an otherwise idle machine: the
+numbers below are only as quiet as the machine was.
+"""
+
+METHOD = """\
+- **Time**: `torch.utils.benchmark.Timer` with `num_threads=torch.get_num_threads()` (its
+  default is one thread), a timer that synchronises the device, `blocked_autorange` stretched
+  to at least the stated number of runs after one warm-up call; the tables give the median and
+  half the interquartile range.
+- **Extra peak memory** is what one call needs on top of its inputs and parameters. CUDA:
+  `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, minus the memory allocated
+  before the call. CPU: a fresh process per measurement, started with
+  `MALLOC_MMAP_THRESHOLD_=65536` so that freed blocks go straight back to the system; it runs a
+  tiny warm-up call, builds the inputs, takes `VmRSS` as the baseline, resets `VmHWM` through
+  `/proc/self/clear_refs`, runs the call once and reports `VmHWM − baseline`. A memory ratio is
+  given only when both sides need at least 1 MiB.
+- **Inputs** are seeded (`torch.Generator().manual_seed(0)`); the fast paths are called through
+  the public API only, the references come from `cscpa_layers._reference`.
+- **Limits.** On a size where one run takes more than the time limit (60 s by default), the
+  series (one op, implementation and dtype) stops: the row says `skipped: > 60 s`, and the
+  larger sizes are not run. A size whose time, predicted from the previous size, is over twice
+  the limit is skipped the same way. A size whose estimated extra memory exceeds half of the
+  free memory is skipped as `skipped: out of memory` with the estimate in the note (the dense
+  FPA at H=W=129 and B=8 needs about 40 GB).
+- **Ratios**: speed-up = reference time / fast time, memory saving = reference extra peak / fast
+  extra peak; for the training iteration, overhead = CSC-PA time / plain time.
+"""
+
+
+def render(results_dir: Path, *, smoke: bool = False) -> str:
+    """The whole page; ``smoke`` also accepts smoke runs (for the tests)."""
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by benchmarks/run.py from benchmarks/results/*.json; edit benchmarks/report.py, not this file. -->",
+        "",
+        "Each fast path of cscpa_layers against its dense reference (style rule 15), on CPU and CUDA,",
+        "from small sizes up to the paper's B = 8, C = 512, H = W = 129 (a 513 crop at output",
+        "stride 4), in float32 and bfloat16 (and float16 on CUDA).",
+        "",
+        "## How to run",
+        "",
+        HOW_TO_RUN,
+        "## How it measures",
+        "",
+        METHOD,
+    ]
+    for device, heading in (("cpu", "CPU"), ("cuda", "CUDA")):
+        found = latest_results(results_dir, device, smoke=smoke)
+        lines += [f"## {heading}", ""]
+        if found is None:
+            if device == "cuda":
+                lines += [
+                    "**Not measured yet**: no GPU has been available to this project so far. On a",
+                    "machine with an NVIDIA GPU run `python benchmarks/run.py --device cuda` and commit",
+                    "the JSON it writes together with this page. Until then the CUDA path is exercised",
+                    "only up to device selection: `--device cuda` without CUDA stops with a clear error.",
+                    "",
+                ]
+            else:
+                lines += ["Not measured yet: run `python benchmarks/run.py --device cpu`.", ""]
+            continue
+        path, data = found
+        lines += [f"Machine: {machine_line(data['meta'], data['settings'], data['mode'])}", ""]
+        lines += [f"Source: `{path.relative_to(results_dir.parent.parent) if results_dir.parent.parent in path.parents else path}`.", ""]
+        if data["mode"] == "quick":
+            lines += [
+                "These are **quick-mode** numbers (reduced sizes and runs). The targets below are",
+                "judged on what quick mode measured; a full run (`--device "
+                f"{device}` without `--quick`) supersedes them.",
+                "",
+            ]
+        lines += ["### Targets", "", "| target | verdict | rows |", "|---|---|---|"]
+        for target in TARGETS:
+            evaluation = evaluate(target, device, data["suites"].get(target.suite))
+            if evaluation["verdict"] in ("met", "missed"):
+                detail = f"{evaluation['met_rows']} of {evaluation['measured_rows']} measured rows met"
+            else:
+                detail = evaluation.get("reason", "")
+            lines.append(f"| {target.text} | **{evaluation['verdict']}** | {detail} |")
+        lines.append("")
+        for name, section in data["suites"].items():
+            lines += suite_table(name, section, device)
+    return "\n".join(lines).rstrip() + "\n"

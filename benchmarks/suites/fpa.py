@@ -1,0 +1,101 @@
+"""FPA: ForegroundPrototypeAttention against the dense Eqs. 1-6 (N x N matrix in memory).
+
+Both run in training mode on a batch whose halves are paired (``partner=None``), with the
+layer's own parameters, so they compute the same function. "forward" runs under
+``torch.no_grad()`` (inference cost); "forward+backward" runs with gradients to the input
+and the parameters, the cost of a training step's FPA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.harness import DTYPES, Case, Runner, Series, Suite, default_dtypes, itemsize
+from cscpa_layers import ForegroundPrototypeAttention
+from cscpa_layers._reference.prototype_attention import foreground_prototype_attention_dense
+
+FULL = [{"B": 8, "C": 512, "H": s, "W": s} for s in (16, 32, 64, 96, 129)]
+QUICK = [{"B": 2, "C": 256, "H": s, "W": s} for s in (32, 64)]
+SMOKE = [{"B": 2, "C": 8, "H": 4, "W": 4}]
+
+
+class FPASuite(Suite):
+    name = "fpa"
+    title = "FPA: foreground prototype attention"
+    impl_labels = {
+        "fast": "`ForegroundPrototypeAttention` (SDPA, no N×N, recomputing backward)",
+        "reference": "`_reference.prototype_attention.foreground_prototype_attention_dense` (N×N in memory)",
+    }
+    notes = (
+        "Training-mode pairing of the batch halves, `values=\"self\"`, `key_channels = C // 2`.",
+        "forward: under `torch.no_grad()`; forward+backward: gradients to the input and all parameters.",
+    )
+
+    def plan(self, device: str, mode: str) -> list[Series]:
+        sizes = {"full": FULL, "quick": QUICK, "smoke": SMOKE}[mode]
+        ops = ["forward+backward"] if mode == "smoke" else ["forward", "forward+backward"]
+        # quick mode measures memory only where a target needs it (forward+backward)
+        return [
+            Series(op, dtype, sizes, memory=mode != "quick" or op == "forward+backward")
+            for dtype in default_dtypes(device, mode)
+            for op in ops
+        ]
+
+    def build(self, case: Case, device: torch.device) -> Runner:
+        s = case.sizes
+        dtype = DTYPES[case.dtype]
+        gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        layer = ForegroundPrototypeAttention(s["C"]).to(device=device, dtype=dtype).train()
+        x = torch.randn(s["B"], s["C"], s["H"], s["W"], generator=gen).to(device=device, dtype=dtype)
+        grad = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
+        params = list(layer.parameters())
+        backward = case.op == "forward+backward"
+        x.requires_grad_(backward)
+
+        def call() -> torch.Tensor:
+            if case.impl == "fast":
+                return layer(x)
+            return foreground_prototype_attention_dense(
+                x,
+                None,
+                layer.key.weight,
+                layer.key.bias,
+                layer.value.weight,
+                layer.value.bias,
+                layer.out.weight,
+                layer.out.bias,
+            )
+
+        def run() -> object:
+            if not backward:
+                with torch.no_grad():
+                    return call()
+            x.grad = None
+            for p in params:
+                p.grad = None
+            call().backward(grad)
+            return None
+
+        return run
+
+    def estimate_bytes(self, case: Case) -> float:
+        s = case.sizes
+        n = s["H"] * s["W"]
+        feature_map = s["B"] * s["C"] * n * itemsize(case.dtype)
+        # Measured on CPU at B=8, C=512, 64²: the layer ~6 feature maps, the reference ~4.2
+        # (B, N, N) float32 matrices in forward+backward; both rounded up generously.
+        fast = 10 * feature_map
+        if case.impl == "fast":
+            return fast
+        per_matrix = s["B"] * n * n * max(itemsize(case.dtype), 4)
+        return fast + (5 if case.op == "forward+backward" else 2.5) * per_matrix
+
+    def work(self, case: Case) -> float:
+        s = case.sizes
+        n = s["H"] * s["W"]
+        d = max(1, s["C"] // 2)
+        return float(s["B"] * n * (n * d + s["C"] * s["C"]))
+
+    def tiny(self, case: Case) -> Case:
+        return Case(case.suite, case.op, case.impl, case.dtype, {"B": 2, "C": 8, "H": 4, "W": 4})

@@ -1,0 +1,155 @@
+"""The benchmark harness runs: one tiny configuration per suite, its JSON, the markdown, the limits.
+
+The suites themselves live in benchmarks/ and are never collected by pytest; these tests import
+them as a library. Timings here are meaningless (tiny sizes); only the structure is checked.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from benchmarks import harness, report, run, suites
+from benchmarks.harness import Case, Series
+from benchmarks.runner import Settings, run_suite
+from benchmarks.suites.fpa import FPASuite
+
+ROOT = Path(__file__).resolve().parents[1]
+META_KEYS = {"git_sha", "torch", "device", "device_name", "device_count", "cpu_model", "threads", "created"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """Every suite once at its smoke size, in this process, without the memory subprocesses."""
+    out = tmp_path_factory.mktemp("bench")
+    data = run.main(["--device", "cpu", "--smoke", "--no-memory", "--results-dir", str(out), "--no-docs"])
+    assert data is not None
+    return out, data
+
+
+def test_smoke_run_records_every_suite_with_metadata(smoke_run: tuple[Path, dict[str, Any]]) -> None:
+    out, data = smoke_run
+    files = list(out.glob("cpu-*-smoke.json"))
+    assert len(files) == 1
+    assert json.loads(files[0].read_text()) == data  # what main returned is what it wrote
+    assert META_KEYS <= set(data["meta"])
+    assert data["meta"]["threads"] == torch.get_num_threads()
+    assert data["meta"]["device"] == "cpu" and data["mode"] == "smoke"
+    assert list(data["suites"]) == suites.NAMES
+    for name, section in data["suites"].items():
+        assert section["git_sha"] == data["meta"]["git_sha"]
+        if section.get("unavailable"):
+            continue
+        assert section["results"], name
+        impls = set()
+        for entry in section["results"]:
+            assert entry["status"] == "ok", (name, entry)
+            assert entry["median_s"] > 0 and entry["iqr_s"] >= 0 and entry["runs"] >= 1
+            assert entry["dtype"] in harness.DTYPES and entry["sizes"]
+            impls.add(entry["impl"])
+        assert impls == set(section["impls"]), name  # both sides of every comparison ran
+
+
+def test_markdown_has_a_table_per_suite_and_every_target(smoke_run: tuple[Path, dict[str, Any]]) -> None:
+    out, data = smoke_run
+    text = report.render(out, smoke=True)
+    for section in data["suites"].values():
+        assert f"### {section['title']}" in text
+    for target in report.TARGETS:
+        assert target.text in text
+    assert "| op | dtype | sizes |" in text
+    assert "## CUDA" in text and "Not measured yet" in text  # no CUDA results in out/
+    assert "python benchmarks/run.py --device cuda" in text
+    # smoke runs never reach the real page
+    assert report.latest_results(out, "cpu") is None
+
+
+def test_cpu_peak_memory_sees_the_dense_attention_matrix() -> None:
+    """Fresh-process VmHWM: the dense FPA holds B N² floats at least, the layer much less."""
+    sizes = {"B": 2, "C": 8, "H": 32, "W": 32}
+    matrix_mib = sizes["B"] * (32 * 32) ** 2 * 4 / 2**20  # 8 MiB
+    dense = harness.cpu_peak_extra_mib(Case("fpa", "forward+backward", "reference", "float32", sizes), timeout=120)
+    fast = harness.cpu_peak_extra_mib(Case("fpa", "forward+backward", "fast", "float32", sizes), timeout=120)
+    assert dense >= matrix_mib
+    assert fast < dense / 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"--device cuda was asked for, but torch.cuda.is_available\(\) is False"):
+        run.main(["--device", "cuda", "--smoke", "--results-dir", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+
+
+class _TwoSizes(FPASuite):
+    def plan(self, device: str, mode: str) -> list[Series]:
+        sizes = [{"B": 2, "C": 4, "H": 3, "W": 3}, {"B": 2, "C": 4, "H": 4, "W": 4}]
+        return [Series("forward", "float32", sizes, memory=False)]
+
+
+def test_a_run_over_the_time_limit_stops_its_series() -> None:
+    settings = Settings(min_run_time=0.0, repeats=1, time_limit=0.0, memory=False)
+    section = run_suite(_TwoSizes(), torch.device("cpu"), "smoke", settings, log=lambda line: None)
+    first, second = section["results"][:2], section["results"][2:]
+    assert [e["status"] for e in section["results"]] == ["skipped: > 0 s"] * 4
+    assert all("one run took" in e["note"] and e["single_run_s"] > 0 for e in first)
+    assert all("series stopped" in e["note"] and "single_run_s" not in e for e in second)
+
+
+def test_the_memory_guard_skips_before_running() -> None:
+    settings = Settings(min_run_time=0.0, repeats=1, memory=False, memory_fraction=0.0)
+    section = run_suite(_TwoSizes(), torch.device("cpu"), "smoke", settings, log=lambda line: None)
+    assert [e["status"] for e in section["results"]] == ["skipped: out of memory"] * 4
+    assert "estimated extra peak" in section["results"][0]["note"]
+    assert all("single_run_s" not in e for e in section["results"])
+
+
+def _entry(impl: str, seconds: float, mib: float, size: int) -> dict[str, Any]:
+    return {
+        "op": "forward+backward",
+        "impl": impl,
+        "dtype": "float32",
+        "sizes": {"B": 8, "C": 512, "H": size, "W": size},
+        "status": "ok",
+        "median_s": seconds,
+        "iqr_s": 0.0,
+        "runs": 3,
+        "peak_extra_mib": mib,
+    }
+
+
+def test_targets_are_judged_row_by_row() -> None:
+    section: dict[str, Any] = {
+        "impls": ["fast", "reference"],
+        "results": [
+            _entry("fast", 1.0, 100.0, 32),  # below 64²: not judged even though it misses
+            _entry("reference", 1.0, 100.0, 32),
+            _entry("fast", 1.0, 100.0, 64),
+            _entry("reference", 2.5, 600.0, 64),  # 2.5x faster, 6x less: met
+            _entry("fast", 1.0, 100.0, 96),
+            _entry("reference", 1.5, 900.0, 96),  # 1.5x faster: missed
+        ],
+    }
+    fpa = next(t for t in report.TARGETS if t.suite == "fpa")
+    result = report.evaluate(fpa, "cpu", section)
+    assert result["verdict"] == "missed"
+    assert (result["met_rows"], result["measured_rows"]) == (1, 2)
+    assert [r["verdict"] for r in result["rows"]] == ["met", "missed"]
+    assert result["rows"][1]["misses"] == ["speed 1.50× < 2×"]
+    section["results"] = section["results"][:4]
+    assert report.evaluate(fpa, "cpu", section)["verdict"] == "met"
+    assert report.evaluate(fpa, "cpu", None)["verdict"] == "not measured"
+    overhead = next(t for t in report.TARGETS if t.suite == "iteration")
+    assert report.evaluate(overhead, "cuda", section)["verdict"] == "not a target on this device"
+
+
+def test_benchmarks_stay_out_of_pytest_collection() -> None:
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    assert config["tool:pytest"]["testpaths"].split() == ["tests", "cscpa_layers"]
+    assert not [p for p in (ROOT / "benchmarks").rglob("*.py") if p.name.startswith("test_") or p.name.endswith("_test.py")]
