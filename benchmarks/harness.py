@@ -137,6 +137,13 @@ def seeded_generator(device: torch.device | str = "cpu", offset: int = 0) -> tor
     return torch.Generator(device=device).manual_seed(SEED + offset)
 
 
+def disk_labels(b: int, h: int, w: int, device: torch.device) -> torch.Tensor:
+    """(B, H, W) int64 masks, one centred disk per image with radii from H/8 to H/3."""
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    radius = torch.linspace(max(h / 8, 1.0), max(h / 3, 1.0), b).view(b, 1, 1)
+    return (((yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2) < radius**2).long().to(device)
+
+
 def itemsize(dtype: str) -> int:
     return torch.empty((), dtype=DTYPES[dtype]).element_size()
 
@@ -312,4 +319,13 @@ def metadata(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "loadavg_at_start": load_average(),
     }
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages; above the thread count, timings are contended."""
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None

@@ -195,10 +195,14 @@ def machine_line(meta: dict[str, Any], settings: dict[str, Any], mode: str) -> s
     else:
         name = f"{name}, {meta['cpu_count']} cores"
     dirty = " (uncommitted changes)" if meta.get("git_dirty") else ""
+    start, end = meta.get("loadavg_at_start"), meta.get("loadavg_at_end")
+    busy = ""
+    if start and end and meta["device"] == "cpu":
+        busy = f"; 1-minute load average {start[0]:.1f} at the start, {end[0]:.1f} at the end"
     return (
         f"{name}; torch {meta['torch']}, {meta['threads']} threads; code `{meta['git_sha'][:10]}`{dirty}; "
         f"{meta['created']}; mode `{mode}` (min run time {settings['min_run_time']:g} s, at least "
-        f"{settings['repeats']} runs, time limit {settings['time_limit']:g} s per run)."
+        f"{settings['repeats']} runs, time limit {settings['time_limit']:g} s per run){busy}."
     )
 
 

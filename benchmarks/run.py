@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     meta = harness.metadata(device)
     print(f"benchmarks: {mode} run on {meta['device_name']} ({meta['threads']} threads), torch {meta['torch']}, "
           f"code {meta['git_sha'][:10]}", flush=True)
+    load = meta["loadavg_at_start"]
+    if device.type == "cpu" and load is not None and load[0] > 0.5:
+        print(f"benchmarks: WARNING the 1-minute load average is {load[0]:.2f}: other processes use the CPU, and "
+              "multi-threaded timings suffer far more than proportionally (threads wait for each other); "
+              "re-run on an idle machine before trusting the numbers", flush=True)
     path = results_path(args.results_dir, device.type, mode)
     data: dict[str, Any] = {"meta": meta, "mode": mode, "settings": settings.to_dict(), "suites": {}}
     if path.exists():  # same device, day and mode: keep the suites not measured now
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(f"[{name}] done in {section['seconds']:.0f} s", flush=True)
     data["suites"] = {k: data["suites"][k] for k in suites.NAMES if k in data["suites"]}  # stable order
     data["seconds"] = round(time.perf_counter() - start, 1)
+    data["meta"]["loadavg_at_end"] = harness.load_average()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
     print(f"benchmarks: wrote {path} after {data['seconds']:.0f} s", flush=True)

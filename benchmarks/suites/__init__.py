@@ -10,6 +10,8 @@ from benchmarks.harness import Suite
 REGISTRY = {
     "fpa": "benchmarks.suites.fpa:FPASuite",
     "epa": "benchmarks.suites.epa:EPASuite",
+    "pal": "benchmarks.suites.pal:PALSuite",
+    "masking": "benchmarks.suites.masking:MaskingSuite",
 }
 NAMES = list(REGISTRY)
 _loaded: dict[str, Suite] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import DTYPES, Case, Runner, Series, Suite, default_dtypes, itemsize
+from benchmarks.harness import DTYPES, Case, Runner, Series, Suite, default_dtypes, disk_labels, itemsize
 from cscpa_layers import AdaptiveEdgeContainer, edge_mask, edge_prototype_attention
 from cscpa_layers._reference.edge_attention import (
     container_update_dense,
@@ -35,13 +35,6 @@ MASK = {
     "quick": [{"B": 2, "H": 16, "W": 16}, {"B": 8, "H": 32, "W": 32}],
     "smoke": [{"B": 1, "H": 5, "W": 5}],
 }
-
-
-def disk_labels(b: int, h: int, w: int, device: torch.device) -> torch.Tensor:
-    """(B, H, W) int64 masks, one centred disk per image with radii from H/8 to H/3."""
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    radius = torch.linspace(max(h / 8, 1.0), max(h / 3, 1.0), b).view(b, 1, 1)
-    return (((yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2) < radius**2).long().to(device)
 
 
 class EPASuite(Suite):
