@@ -12,6 +12,7 @@ REGISTRY = {
     "epa": "benchmarks.suites.epa:EPASuite",
     "pal": "benchmarks.suites.pal:PALSuite",
     "masking": "benchmarks.suites.masking:MaskingSuite",
+    "iteration": "benchmarks.suites.iteration:IterationSuite",
 }
 NAMES = list(REGISTRY)
 _loaded: dict[str, Suite] = {}

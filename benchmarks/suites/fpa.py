@@ -15,7 +15,7 @@ from cscpa_layers import ForegroundPrototypeAttention
 from cscpa_layers._reference.prototype_attention import foreground_prototype_attention_dense
 
 FULL = [{"B": 8, "C": 512, "H": s, "W": s} for s in (16, 32, 64, 96, 129)]
-QUICK = [{"B": 2, "C": 256, "H": s, "W": s} for s in (32, 64)]
+QUICK = [{"B": 2, "C": 512, "H": s, "W": s} for s in (32, 64)]  # the paper's widths (d = 256), a small batch
 SMOKE = [{"B": 2, "C": 8, "H": 4, "W": 4}]
 
 
