@@ -80,6 +80,7 @@ def _decoded(path: Path) -> Image.Image:
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        image.close()
         raise DataError(f"cannot decode {path} (corrupt or truncated?): {error}") from error
     return image
 
