@@ -9,11 +9,16 @@ import re
 import cscpa_layers
 
 EXPECTED = {
+    "AdaptiveEdgeContainer",
+    "EdgePrototypeAttention",
     "ForegroundPrototypeAttention",
     "__version__",
     "channel_prototypes",
     "correlation_map",
+    "edge_mask",
+    "edge_prototype_attention",
     "foreground_prototype_attention",
+    "select_edge_features",
 }
 
 
