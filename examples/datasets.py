@@ -354,6 +354,11 @@ def build_dataset(spec: str | Path, *, transform: Transform | None = None, inclu
 
     Raises:
         DataError: the folder is missing, is not a dataset, or holds bad files.
+
+    Example:
+        >>> ds = build_dataset("phantom", phantom_count=3, phantom_size=64)
+        >>> ds.ids[0], tuple(ds[0].image.shape), ds[0].mask.dtype
+        ('phantom/000000', (3, 64, 64), torch.int64)
     """
     if str(spec) == "phantom":
         from examples.phantom import PhantomDataset

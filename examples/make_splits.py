@@ -25,6 +25,7 @@ elif _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import argparse  # noqa: E402
+from typing import Callable, Iterable  # noqa: E402
 
 from examples.datasets import DataError, build_dataset  # noqa: E402
 from examples.splits import DEFAULT_FRACTIONS, NEAR_THRESHOLD, dataset_greys, find_duplicates, make_splits, write_splits  # noqa: E402
@@ -52,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dataset = build_dataset(args.data, include_normal=args.include_normal, phantom_count=args.count,
                                 phantom_size=args.phantom_size, phantom_seed=args.phantom_seed)
-        progress = None
+        progress: Callable[[Iterable[int]], Iterable[int]] | None = None
         if not args.quiet:
             from tqdm import tqdm
 
-            def progress(items):  # type: ignore[no-untyped-def]
+            def progress(items: Iterable[int]) -> Iterable[int]:
                 return tqdm(items, desc="hashing", unit="img", file=sys.stderr)
 
         duplicates = find_duplicates(dataset_greys(dataset, progress), threshold=args.near_threshold)

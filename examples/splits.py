@@ -106,6 +106,13 @@ def find_duplicates(greys: Iterable[np.ndarray], *, threshold: int = NEAR_THRESH
         greys: (H, W) uint8 images, in dataset order.
         threshold: largest Hamming distance of the 256-bit difference hashes that counts as
             near-duplicate; a negative value switches near-duplicate detection off.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> a, b = (rng.integers(0, 256, (40, 50), dtype=np.uint8) for _ in range(2))
+        >>> brighter = (a // 2 + 10).astype(np.uint8)  # same structure, other levels
+        >>> find_duplicates([a, b, a.copy(), brighter]).groups
+        [[0, 2, 3], [1]]
     """
     by_hash: dict[str, list[int]] = {}
     codes = []

@@ -29,10 +29,10 @@ def busi() -> BUSIDataset:
 
 def _or_of_files(paths: tuple[Path, ...]) -> np.ndarray:
     """An independent reading of the mask files: PIL's own conversion to RGB, any channel > 0."""
-    merged = None
+    merged: np.ndarray | None = None
     for path in paths:
         with Image.open(path) as image:
-            layer = (np.asarray(image.convert("RGB")) > 0).any(axis=-1)
+            layer = np.asarray((np.asarray(image.convert("RGB")) > 0).any(axis=-1))
         merged = layer if merged is None else merged | layer
     assert merged is not None
     return merged

@@ -53,7 +53,7 @@ def test_busi_abnormal_only_by_default_in_natural_order(busi: tuple[Path, dict[s
 
 def test_busi_masks_are_merged_and_binarised_from_every_mode(busi: tuple[Path, dict[str, np.ndarray]]) -> None:
     root, expected = busi
-    ds = build_dataset(root, include_normal=True)
+    ds = BUSIDataset(root, include_normal=True)
     for i, item_id in enumerate(ds.ids):
         raw = ds.load(i)
         assert raw.id == item_id
