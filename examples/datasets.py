@@ -167,7 +167,8 @@ class _FolderDataset(SegmentationDataset):
                     f"has shape {grey.shape}"
                 )
             merged |= mask
-        image = torch.from_numpy(grey).unsqueeze(0).repeat(3, 1, 1)  # (3, H, W)
+        # replicate in numpy: no intra-op threads to wake up for a copy (see examples/phantom.py)
+        image = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(grey, (3, *grey.shape))))  # (3, H, W)
         return RawSample(tv_tensors.Image(image), tv_tensors.Mask(torch.from_numpy(merged.astype(np.uint8))), item_id)
 
     def load_grey(self, index: int) -> np.ndarray:

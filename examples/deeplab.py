@@ -214,15 +214,19 @@ class DeepLabV3Plus(nn.Module):
         edge_slots: slots of EPA's edge container.
         aspp_rates: atrous rates; 12/24/36 at every output stride (the authors'; it is the
             textbook choice at stride 8, which uses 6/12/18 at stride 16). Not doubled.
-        low_level_channels: width of the ``layer1`` projection (authors 256, textbook 48);
-            F has ``low_level_channels + 256`` channels.
+        low_level_channels: width of the ``layer1`` projection (authors 256, textbook 48).
+        aspp_channels: width of ASPP's branches and output (256). F has
+            ``low_level_channels + aspp_channels`` channels (``model.feature_channels``, 512
+            by default); narrower settings are for quick CPU runs only.
+        head_channels: width of the two 3x3 classifier convs (256).
         dropout: dropout after ASPP and in the classifier.
 
     Shape:
         - x: (B, 3, H, W), normalised with :func:`examples.transforms.normalize`. In training
           with FPA and no ``partner``, B is even: labeled half first, unlabeled second.
-        - partner: (B, 512, h, w) features that FPA pairs x's features with, or None.
-        - edge_bank: (edge_slots, 512), the bank ``model.epa.container.update(...)`` returned
+        - partner: (B, C_F, h, w) features that FPA pairs x's features with, or None;
+          C_F = ``model.feature_channels`` (512).
+        - edge_bank: (edge_slots, C_F), the bank ``model.epa.container.update(...)`` returned
           this step, or None for the stored one.
 
     Example:
@@ -245,28 +249,33 @@ class DeepLabV3Plus(nn.Module):
         edge_slots: int = 256,
         aspp_rates: Sequence[int] = (12, 24, 36),
         low_level_channels: int = 256,
+        aspp_channels: int = 256,
+        head_channels: int = 256,
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
         check_positive_int(num_classes, "num_classes")
         check_positive_int(edge_slots, "edge_slots")
         check_positive_int(low_level_channels, "low_level_channels")
+        check_positive_int(aspp_channels, "aspp_channels")
+        check_positive_int(head_channels, "head_channels")
         self.backbone = ResNetBackbone(backbone, output_stride)
         if weights is not None:
             self.backbone.load_weights(_read_weights(weights), str(weights))
         elif pretrained:
             self.backbone.load_weights(imagenet_weights(backbone), f"torchvision's {backbone} weights")
         self.num_classes = num_classes
+        self.head_channels = head_channels
         self.pretrained = pretrained or weights is not None
-        self.aspp = ASPP(self.backbone.high_channels, 256, aspp_rates, dropout)
+        self.aspp = ASPP(self.backbone.high_channels, aspp_channels, aspp_rates, dropout)
         self.low_level = _conv_bn_relu(self.backbone.low_channels, low_level_channels, 1)
-        self.feature_channels = low_level_channels + 256
+        self.feature_channels = low_level_channels + aspp_channels
         self.fpa = ForegroundPrototypeAttention(self.feature_channels) if fpa else None
         self.epa = EdgePrototypeAttention(self.feature_channels, slots=edge_slots) if epa else None
         self.classifier = nn.Sequential(
-            _conv_bn_relu(self.feature_channels, 256, 3), nn.Dropout(dropout),
-            _conv_bn_relu(256, 256, 3), nn.Dropout(dropout),
-            nn.Conv2d(256, num_classes, 1),
+            _conv_bn_relu(self.feature_channels, head_channels, 3), nn.Dropout(dropout),
+            _conv_bn_relu(head_channels, head_channels, 3), nn.Dropout(dropout),
+            nn.Conv2d(head_channels, num_classes, 1),
         )
 
     def decoder_features(self, x: Tensor) -> Tensor:
@@ -301,5 +310,6 @@ class DeepLabV3Plus(nn.Module):
         return (
             f"num_classes={self.num_classes}, backbone={self.backbone.name!r}, "
             f"output_stride={self.backbone.output_stride}, pretrained={self.pretrained}, "
-            f"fpa={self.fpa is not None}, epa={self.epa is not None}, feature_channels={self.feature_channels}"
+            f"fpa={self.fpa is not None}, epa={self.epa is not None}, feature_channels={self.feature_channels}, "
+            f"head_channels={self.head_channels}"
         )

@@ -171,6 +171,14 @@ def test_bad_input() -> None:
         _small(epa=False).train()(torch.randn(3, 3, 32, 32))
 
 
+def test_narrow_decoder_for_cpu_runs() -> None:
+    model = _small(low_level_channels=48, aspp_channels=64, head_channels=32).train()
+    assert model.feature_channels == 112 and model.fpa is not None and model.fpa.channels == 112
+    assert model.epa is not None and model.epa.channels == 112
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.features.shape == (2, 112, 8, 8) and out.logits.shape == (2, 2, 32, 32)
+
+
 def test_repr_names_the_configuration() -> None:
     text = repr(_small(output_stride=16, epa=False))
     assert "backbone='resnet18'" in text and "output_stride=16" in text and "fpa=True, epa=False" in text

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from examples.datasets import build_dataset
 from examples.phantom import (
@@ -110,15 +112,15 @@ def test_lesions_are_darker_than_the_tissue_around_them() -> None:
 
 
 def test_speckle_is_rayleigh_with_mean_one() -> None:
-    field = rayleigh_speckle(256, torch.Generator().manual_seed(0))
-    assert field.shape == (256, 256) and bool((field >= 0).all())
+    field = rayleigh_speckle(256, np.random.default_rng(0))
+    assert field.shape == (256, 256) and field.dtype == np.float32 and bool((field >= 0).all())
     assert abs(float(field.mean()) - 1) < 0.03
     # Rayleigh: std / mean = sqrt(4 / pi - 1) ~ 0.523
     assert abs(float(field.std() / field.mean()) - math.sqrt(4 / math.pi - 1)) < 0.03
     # grains are longer laterally (x) than axially (y): neighbours along x correlate more
     centred = field - field.mean()
-    corr_x = float((centred * centred.roll(1, 1)).mean() / centred.var())
-    corr_y = float((centred * centred.roll(1, 0)).mean() / centred.var())
+    corr_x = float((centred * np.roll(centred, 1, 1)).mean() / centred.var())
+    corr_y = float((centred * np.roll(centred, 1, 0)).mean() / centred.var())
     assert corr_x > corr_y > 0
 
 
@@ -141,6 +143,8 @@ def test_bad_arguments() -> None:
         PhantomDataset(3, size=16)
     with pytest.raises(ValueError, match="size must be an int >= 32"):
         render_phantom(0, size=8)
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        render_phantom(-1)
 
 
 def test_fast_enough_for_two_cpu_cores() -> None:
@@ -152,5 +156,21 @@ def test_fast_enough_for_two_cpu_cores() -> None:
         ds.load(i)
         times.append(time.perf_counter() - start)
     median = float(np.median(times))
-    # about 8 ms on an idle core; 5x slack for a shared CI machine, the median for stalls
-    assert median < 0.05, f"{median * 1000:.1f} ms per 256x256 image"
+    # about 5 ms on the 2-core CI machine; slack for a busy machine, the median for stalls
+    assert median < 0.03, f"{median * 1000:.1f} ms per 256x256 image"
+
+
+def test_render_script_draws_every_lesion_count(tmp_path: Path) -> None:
+    from examples import render_phantom as script
+
+    out = tmp_path / "img" / "phantom.png"
+    assert script.main(["--out", str(out), "--size", "64", "--columns", "4"]) == 0
+    with Image.open(out) as picture:
+        assert picture.mode == "P" and picture.size == (4 * 64, 2 * 64)
+        indices = np.asarray(picture)
+        palette = picture.getpalette()
+    assert palette is not None
+    red = [i for i in range(len(palette) // 3) if palette[3 * i : 3 * i + 3] == [255, 40, 40]]
+    assert len(red) == 1 and (indices[64:] == red[0]).any() and not (indices[:64] == red[0]).any()
+    ds = PhantomDataset(64, size=64)
+    assert sorted(ds.num_lesions(i) for i in script.pick_indices(ds, 4)) == [0, 1, 2, 3]
