@@ -28,7 +28,8 @@ import argparse  # noqa: E402
 from typing import Callable, Iterable  # noqa: E402
 
 from examples.datasets import DataError, build_dataset  # noqa: E402
-from examples.splits import DEFAULT_FRACTIONS, NEAR_THRESHOLD, dataset_greys, find_duplicates, make_splits, write_splits  # noqa: E402
+from examples.duplicates import NEAR_THRESHOLD, find_duplicates  # noqa: E402
+from examples.splits import DEFAULT_FRACTIONS, dataset_greys, make_splits, write_splits  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from examples.datasets import BUSIDataset, build_dataset
-from examples.splits import dataset_greys, find_duplicates, make_splits, validate_splits
+from examples.duplicates import find_duplicates
+from examples.splits import dataset_greys, make_splits, validate_splits
 
 BUSI_DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "busi-dev"
 

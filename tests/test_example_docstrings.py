@@ -13,7 +13,7 @@ MODULES = [
     "examples.dataset_base",
     "examples.datasets",
     "examples.phantom",
-    "examples.splits",
+    "examples.duplicates",
     "examples.deeplab",
 ]
 

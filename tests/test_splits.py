@@ -13,19 +13,8 @@ import pytest
 from PIL import Image
 
 from examples.datasets import build_dataset
-from examples.splits import (
-    NEAR_THRESHOLD,
-    Duplicates,
-    FoldSplit,
-    dataset_greys,
-    difference_hash,
-    find_duplicates,
-    load_split,
-    make_splits,
-    pixel_hash,
-    validate_splits,
-    write_splits,
-)
+from examples.duplicates import NEAR_THRESHOLD, Duplicates, difference_hash, find_duplicates, pixel_hash
+from examples.splits import FoldSplit, dataset_greys, load_split, make_splits, validate_splits, write_splits
 from tests._data_trees import make_busi_tree, smooth_image
 
 ROOT = Path(__file__).resolve().parents[1]
