@@ -300,6 +300,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_features() -> list[str]:
+    """The SIMD features that decide float32/bfloat16 kernel speed (AVX2, AVX-512, BF16, AMX)."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def metadata(device: torch.device) -> dict[str, Any]:
     """Everything needed to compare two result files: code, library versions, machine."""
     cuda = device.type == "cuda"
@@ -317,6 +330,7 @@ def metadata(device: torch.device) -> dict[str, Any]:
         "device_count": torch.cuda.device_count() if cuda else 1,
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_features": cpu_features(),
         "threads": torch.get_num_threads(),
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "loadavg_at_start": load_average(),

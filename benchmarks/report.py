@@ -7,9 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import ROOT
 from benchmarks.runner import format_seconds
 
 MIN_MIB_FOR_RATIO = 1.0  # below this an RSS reading is page noise, so no memory ratio
+BUSY_LOAD = 0.5  # a 1-minute load average above this at the start marks a CPU run as contended
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.0f}×" if value >= 100 else f"{value:.1f}×" if value >= 10 else f"{value:.2f}×"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,10 +173,10 @@ def suite_table(name: str, section: dict[str, Any], device: str) -> list[str]:
     for row in paired_rows(section):
         c, b = row.get("candidate"), row.get("baseline")
         if overhead:
-            ratio = f"{row['overhead']:.2f}×" if "overhead" in row else "—"
+            ratio = _ratio(row["overhead"]) if "overhead" in row else "—"
             memory = f"{1 / row['memory_ratio']:.2f}×" if "memory_ratio" in row else "—"
         else:
-            ratio = f"{row['speedup']:.2f}×" if "speedup" in row else "—"
+            ratio = _ratio(row["speedup"]) if "speedup" in row else "—"
             memory = f"{row['memory_ratio']:.1f}× less" if "memory_ratio" in row else "—"
         lines.append(
             f"| {row['op']} | {row['dtype']} | {_dims(row['sizes'])} | {_time_cell(c)} | {_time_cell(b)} | {ratio} | "
@@ -193,7 +199,8 @@ def machine_line(meta: dict[str, Any], settings: dict[str, Any], mode: str) -> s
     if meta["device"] == "cuda":
         name = f"{meta['device_count']}× {name} (CUDA {meta.get('torch_cuda')}), host CPU {meta['cpu_model']}"
     else:
-        name = f"{name}, {meta['cpu_count']} cores"
+        features = ", ".join(meta.get("cpu_features") or []) or "?"
+        name = f"{name}, {meta['cpu_count']} cores ({features})"
     dirty = " (uncommitted changes)" if meta.get("git_dirty") else ""
     start, end = meta.get("loadavg_at_start"), meta.get("loadavg_at_end")
     busy = ""
@@ -299,7 +306,17 @@ def render(results_dir: Path, *, smoke: bool = False) -> str:
             continue
         path, data = found
         lines += [f"Machine: {machine_line(data['meta'], data['settings'], data['mode'])}", ""]
-        lines += [f"Source: `{path.relative_to(results_dir.parent.parent) if results_dir.parent.parent in path.parents else path}`.", ""]
+        source = path.relative_to(ROOT) if ROOT in path.parents else path
+        lines += [f"Source: `{source}`.", ""]
+        load = data["meta"].get("loadavg_at_start")
+        if device == "cpu" and load and load[0] > BUSY_LOAD:
+            lines += [
+                f"**The machine was busy** (1-minute load average {load[0]:.1f} on "
+                f"{data['meta']['cpu_count']} cores when the run started): other processes competed for",
+                "the cores, and multi-threaded kernels lose far more than their share when a thread is",
+                "descheduled. Treat these numbers as provisional until a run on an idle machine replaces them.",
+                "",
+            ]
         if data["mode"] == "quick":
             lines += [
                 "These are **quick-mode** numbers (reduced sizes and runs). The targets below are",
