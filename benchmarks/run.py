@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         repeats=settings.repeats if args.repeats is None else args.repeats,
         time_limit=settings.time_limit if args.time_limit is None else args.time_limit,
         memory=not args.no_memory,
+        # host memory is shared with everything else on the machine; a GPU's is the run's own
+        memory_fraction=0.5 if device.type == "cpu" else 0.85,
     )
     if settings.memory and device.type == "cpu" and not harness.cpu_supports_peak_reset():
         raise SystemExit("benchmarks: CPU peak memory needs Linux /proc/self/clear_refs; pass --no-memory")
