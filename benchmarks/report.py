@@ -264,9 +264,9 @@ METHOD = """\
   series (one op, implementation and dtype) stops: the row says `skipped: > 60 s`, and the
   larger sizes are not run. A size whose time, predicted from the previous size, is over twice
   the limit is skipped the same way. A size whose estimated extra memory exceeds half of the
-  free memory (0.85 of the free GPU memory on CUDA) is skipped as `skipped: out of memory` with
-  the estimate in the note (the dense
-  FPA at H=W=129 and B=8 needs about 40 GB).
+  free memory (0.85 of the free GPU memory on CUDA) is skipped as `skipped: out of memory`,
+  with the estimate in the note: the dense FPA's forward+backward at B = 8, H = W = 129 holds
+  several (B, N, N) float32 matrices of 8.9 GB each, about 40 GB in all.
 - **Ratios**: speed-up = reference time / fast time, memory saving = reference extra peak / fast
   extra peak; for the training iteration, overhead = CSC-PA time / plain time.
 """
