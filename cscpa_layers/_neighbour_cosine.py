@@ -57,11 +57,13 @@ def overlap(dy: int, dx: int, h: int, w: int) -> tuple[tuple[slice, slice], tupl
 def _chunks(x: Tensor) -> list[tuple[slice, slice]]:
     """(batch, channel) slices that tile x; one slice each under torch.compile (inductor fuses)."""
     b, c, h, w = x.shape
-    n = max(1, h * w)
+    n = h * w
+    if x.numel() == 0:
+        return []
     if torch.compiler.is_compiling():
         return [(slice(None), slice(None))]
     if x.device.type != "cpu":
-        step = max(1, _DEVICE_CHUNK // (b * n)) if b > 0 else max(1, c)
+        step = max(1, _DEVICE_CHUNK // (b * n))
         return [(slice(None), slice(c0, c0 + step)) for c0 in range(0, c, step)]
     if c * n <= _CPU_CHUNK:  # several whole images per chunk
         step = max(1, _CPU_CHUNK // (c * n))
