@@ -48,15 +48,15 @@ def make_inputs(form: str, shape: tuple[int, int, int, int] = SHAPE) -> dict[str
 
 
 def step(fn_name: str, inputs: dict[str, torch.Tensor | None]) -> None:
-    features = inputs["features"]
-    assert isinstance(features, torch.Tensor)
+    features, target = inputs["features"], inputs["target"]
+    assert features is not None and target is not None
     if fn_name == "layer":
         loss = pixel_affinity_loss(
-            features, inputs["target"], confidence=inputs["confidence"], target_features=inputs["target_features"]
+            features, target, confidence=inputs["confidence"], target_features=inputs["target_features"]
         )
     else:
         loss = pixel_affinity_loss_dense(
-            features, inputs["target"], inputs["confidence"], inputs["target_features"]
+            features, target, inputs["confidence"], inputs["target_features"]
         )
     loss.backward()
     features.grad = None

@@ -10,24 +10,40 @@ from cscpa_layers.affinity_loss import (
     pixel_affinity,
     pixel_affinity_loss,
 )
+from cscpa_layers.confidence_mask import ConfidenceMasking, MaskedImages, confidence_mask
 from cscpa_layers.prototype_attention import (
     ForegroundPrototypeAttention,
     channel_prototypes,
     correlation_map,
     foreground_prototype_attention,
 )
+from cscpa_layers.pseudo_labels import (
+    PseudoLabels,
+    entropy_keep_mask,
+    keep_hard_schedule,
+    keep_percent_schedule,
+    pseudo_labels,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConfidenceMasking",
     "ForegroundPrototypeAttention",
+    "MaskedImages",
     "NEIGHBOUR_OFFSETS",
     "PixelAffinity",
     "PixelAffinityLoss",
+    "PseudoLabels",
     "__version__",
     "channel_prototypes",
+    "confidence_mask",
     "correlation_map",
+    "entropy_keep_mask",
     "foreground_prototype_attention",
+    "keep_hard_schedule",
+    "keep_percent_schedule",
     "pixel_affinity",
     "pixel_affinity_loss",
+    "pseudo_labels",
 ]

@@ -94,8 +94,9 @@ def check_values_in(x: Tensor, name: str, low: float, high: float) -> None:
     """Raise unless every value of ``x`` lies in ``[low, high]`` (NaN fails too)."""
     if not _reading_data_is_allowed(x):
         return
-    bad = ~((x >= low) & (x <= high))
-    if bool(bad.any()):
+    smallest, largest = torch.aminmax(x)  # one pass; NaN propagates and fails both tests
+    if not bool((smallest >= low) & (largest <= high)):
+        bad = ~((x >= low) & (x <= high))
         raise ValueError(
             f"{name} must lie in [{low}, {high}], got {int(bad.sum())} value(s) outside, "
             f"e.g. {x[bad].flatten()[0].item()}"

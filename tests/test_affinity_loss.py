@@ -14,6 +14,11 @@ from cscpa_layers import NEIGHBOUR_OFFSETS, PixelAffinityLoss, pixel_affinity, p
 from cscpa_layers._reference.affinity_loss import pixel_affinity_dense, pixel_affinity_loss_dense
 from tests.conftest import DEVICES, TOLERANCES, compile_available
 
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """assert_close with the shared tolerances for ``dtype``."""
+    torch.testing.assert_close(actual, expected, atol=TOLERANCES[dtype]["atol"], rtol=TOLERANCES[dtype]["rtol"])
+
+
 Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
@@ -228,10 +233,10 @@ def test_equals_dense_in_value_and_gradient(pseudo: bool, reduction: str, dtype:
     out = _fast(case, reduction=reduction, threshold=0.4)
     ref = _dense(case, reduction=reduction, threshold=0.4)
     upstream = torch.rand_like(out)
-    torch.testing.assert_close(out, ref, **TOLERANCES[dtype])
+    _close(out, ref, dtype)
     grad = torch.autograd.grad(out, features, upstream)[0]
     ref_grad = torch.autograd.grad(ref, features, upstream)[0]
-    torch.testing.assert_close(grad, ref_grad, **TOLERANCES[dtype])
+    _close(grad, ref_grad, dtype)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 40, 300, 10**7])
@@ -348,7 +353,7 @@ def test_bfloat16_features_give_a_float32_loss_close_to_float64() -> None:
     out.backward()
     assert out.dtype == torch.float32 and features.grad is not None and features.grad.dtype == torch.bfloat16
     reference = _dense(tuple(t.double() if t is not None and t.is_floating_point() else t for t in low))  # type: ignore[arg-type]
-    torch.testing.assert_close(out.double(), reference, **TOLERANCES[torch.bfloat16])
+    _close(out.double(), reference, torch.bfloat16)
 
 
 # --- module and compilation -------------------------------------------------------------------
@@ -475,7 +480,7 @@ def test_bad_types_raise_type_error() -> None:
     with pytest.raises(TypeError, match=r"ignore_index must be an int, got float"):
         PixelAffinityLoss(ignore_index=255.0)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"target must be a torch.Tensor, got list"):
-        PixelAffinityLoss()(torch.randn(1, 2, 2, 2), [[0, 1], [1, 0]])  # type: ignore[arg-type]
+        PixelAffinityLoss()(torch.randn(1, 2, 2, 2), [[0, 1], [1, 0]])
 
 
 def test_pixel_affinity_checks_the_valid_map() -> None:

@@ -14,6 +14,20 @@ EXPECTED = {
     "channel_prototypes",
     "correlation_map",
     "foreground_prototype_attention",
+    # pixel affinity loss, confidence masking, pseudo-labels (issue 4)
+    "ConfidenceMasking",
+    "MaskedImages",
+    "NEIGHBOUR_OFFSETS",
+    "PixelAffinity",
+    "PixelAffinityLoss",
+    "PseudoLabels",
+    "confidence_mask",
+    "entropy_keep_mask",
+    "keep_hard_schedule",
+    "keep_percent_schedule",
+    "pixel_affinity",
+    "pixel_affinity_loss",
+    "pseudo_labels",
 }
 
 
