@@ -38,10 +38,12 @@ from torch.autograd.function import once_differentiable
 OFFSETS: tuple[tuple[int, int], ...] = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 _HALF = 4  # offsets 0..3; offset 7 - k is the negative of offset k
 
-# Elements per chunk on CPU: 2**19 floats = 2 MiB, so a chunk and its temporaries stay in the
-# last-level cache while all 4 offsets read it (measured: 2**16-2**21 are within noise of each
-# other at B=8, C=512, 64x64; whole-tensor products are 3x slower).
-_CPU_CHUNK = 2**19
+# Elements per chunk on CPU: 2**21 floats = 8 MiB, so a chunk and its temporaries stay in the
+# last-level cache while all 4 offsets read it. Measured at B=8, C=512, 64x64 on 2 cores:
+# 2**16-2**21 run within noise of each other when the machine is quiet, whole-batch products
+# are 3x slower; on a busy machine fewer, larger chunks suffer less (every op is a parallel
+# region that waits for a descheduled thread), hence the top of that range.
+_CPU_CHUNK = 2**21
 # Elements per chunk elsewhere (CUDA): large enough that kernel launches do not dominate, small
 # enough that the products' temporaries stay a fraction of the feature map.
 _DEVICE_CHUNK = 2**24

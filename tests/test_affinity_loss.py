@@ -488,3 +488,16 @@ def test_pixel_affinity_checks_the_valid_map() -> None:
         pixel_affinity(torch.randn(1, 2, 3, 3), torch.ones(1, 3, 3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"valid must have shape \(B, H, W\) = \(1, 3, 3\), got \(1, 3, 4\)"):
         pixel_affinity(torch.randn(1, 2, 3, 3), torch.ones(1, 3, 4, dtype=torch.bool))
+
+
+def test_autocast_bfloat16_runs_and_backpropagates() -> None:
+    # the loss is elementwise work autocast leaves alone, and the cosines run with autocast off,
+    # so the result equals the float32 one
+    case = _case(2, 8, 6, 6, pseudo=True, dtype=torch.float32)
+    features = case[0].requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _fast(case)
+    grad = torch.autograd.grad(out, features)[0]
+    assert out.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(out, _fast(case))
+    torch.testing.assert_close(grad, torch.autograd.grad(_fast(case), features)[0])
