@@ -72,7 +72,6 @@ def _rss_kib(field: str) -> int:
 
 def measure_memory_child(fn_name: str, form: str) -> None:
     """Runs in a fresh process: print the extra peak RSS (MiB) of one forward + backward."""
-    torch.set_num_threads(torch.get_num_threads())
     step(fn_name, make_inputs(form, (2, 8, 8, 8)))  # warm-up: kernels, allocator, thread pool
     inputs = make_inputs(form)
     gc.collect()
@@ -83,7 +82,7 @@ def measure_memory_child(fn_name: str, form: str) -> None:
 
 
 def measure_memory(fn_name: str, form: str) -> float:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()))
     out = subprocess.run(
         [sys.executable, __file__, "--child", fn_name, form], env=env, capture_output=True, text=True, check=True
     )
@@ -117,11 +116,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pal_cpu.json"))
     parser.add_argument("--min-run-time", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 keeps torch's default")
     parser.add_argument("--child", nargs=2)
     args = parser.parse_args()
     if args.child:
         measure_memory_child(*args.child)
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
