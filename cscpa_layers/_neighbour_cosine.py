@@ -87,31 +87,15 @@ class NeighbourCosine(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, eps: float) -> Tensor:
         b, _, h, w = x.shape
         regions = [overlap(dy, dx, h, w) for dy, dx in OFFSETS[:_HALF]]
-        shapes = [(b, p[0].stop - p[0].start, p[1].stop - p[1].start) for p, _ in regions]
-        chunks = _chunks(x)
-        if len(chunks) <= 1:  # one pass over everything (small inputs, torch.compile)
-            norm = torch.linalg.vector_norm(x, dim=1)  # |F_p|, (B, H, W)
-            dots = [(x[:, :, p[0], p[1]] * x[:, :, q[0], q[1]]).sum(1) for p, q in regions]
-        elif all(cs == slice(None) for _, cs in chunks):  # chunks of whole images
-            # written straight into the results: every kernel launch is a parallel region, and
-            # on a busy machine each one can wait for a descheduled thread
-            norm = x.new_empty(b, h, w)
-            dots = [x.new_empty(shape) for shape in shapes]
-            for bs, _ in chunks:
-                chunk = x[bs]  # (b', C, H, W), a view
-                torch.linalg.vector_norm(chunk, dim=1, out=norm[bs])
-                for dot, (p, q) in zip(dots, regions):
-                    # <F_p, F_{p+k}> from two shifted views of the same chunk, (b', h', w')
-                    torch.sum(chunk[:, :, p[0], p[1]] * chunk[:, :, q[0], q[1]], 1, out=dot[bs])
-        else:  # chunks of channels: accumulate over them
-            squares = x.new_zeros(b, h, w)  # |F_p|^2
-            dots = [x.new_zeros(shape) for shape in shapes]
-            for bs, cs in chunks:
-                chunk = x[bs, cs]  # (b', c', H, W), a view
-                squares[bs] += chunk.square().sum(1)
-                for dot, (p, q) in zip(dots, regions):
-                    dot[bs] += (chunk[:, :, p[0], p[1]] * chunk[:, :, q[0], q[1]]).sum(1)
-            norm = squares.sqrt()  # (B, H, W)
+        squares = x.new_zeros(b, h, w)  # |F_p|^2, (B, H, W)
+        dots = [x.new_zeros(b, p[0].stop - p[0].start, p[1].stop - p[1].start) for p, _ in regions]
+        for bs, cs in _chunks(x):
+            chunk = x[bs, cs]  # (b', c', H, W), a view
+            squares[bs] += chunk.square().sum(1)
+            for dot, (p, q) in zip(dots, regions):
+                # <F_p, F_{p+k}> from two shifted views of the same chunk, (b', h', w')
+                dot[bs] += (chunk[:, :, p[0], p[1]] * chunk[:, :, q[0], q[1]]).sum(1)
+        norm = squares.sqrt()  # (B, H, W)
         scale = norm.clamp_min(eps)
         out = x.new_zeros(b, 2 * _HALF, h, w)
         for k, (dot, (p, q)) in enumerate(zip(dots, regions)):
@@ -147,15 +131,12 @@ class NeighbourCosine(torch.autograd.Function):
             radial[:, p[0], p[1]] += along
             radial[:, q[0], q[1]] += along
         # d R_p / d F_p = F_p / |F_p| only where the norm is not clamped (as in F.normalize)
-        radial = torch.where(norm >= eps, radial / scale.square(), 0.0).neg_().unsqueeze(1)  # (B, 1, H, W)
-        chunks = _chunks(x)
-        single = len(chunks) <= 1  # torch.compile traces this path: no out= arguments
-        grad = x * radial if single else torch.empty_like(x)
-        for bs, cs in [(slice(None), slice(None))] if single else chunks:
+        radial = torch.where(norm >= eps, radial / scale.square(), 0.0).neg_()
+        grad = torch.empty_like(x)
+        for bs, cs in _chunks(x):
             chunk = x[bs, cs]
             acc = grad[bs, cs]  # written in place, (b', c', H, W)
-            if not single:
-                torch.mul(chunk, radial[bs], out=acc)
+            acc.copy_(chunk).mul_(radial[bs].unsqueeze(1))
             for weight, (p, q) in zip(pair_weights, regions):
                 weight = weight[bs].unsqueeze(1)  # (b', 1, h', w'), broadcast over channels
                 acc[:, :, p[0], p[1]].addcmul_(chunk[:, :, q[0], q[1]], weight)
