@@ -65,7 +65,7 @@ class PixelAffinity(NamedTuple):
 NEIGHBOUR_OFFSETS = OFFSETS
 
 
-def neighbour_maps(x: Tensor, fill: float | bool) -> Tensor:
+def _neighbour_maps(x: Tensor, fill: float | bool) -> Tensor:
     """Stack the 8 neighbours of a (B, H, W) map into (B, 8, H, W); off-image neighbours get ``fill``.
 
     For label-sized maps only (one channel), never for features.
@@ -91,7 +91,7 @@ def _check_valid_map(valid: Tensor, features: Tensor) -> None:
 
 def _affinity(features: Tensor, valid: Tensor, eps: float) -> PixelAffinity:
     """:func:`pixel_affinity` without the input checks."""
-    pair_valid = neighbour_maps(valid, False) & valid.unsqueeze(1)  # (B, 8, H, W)
+    pair_valid = _neighbour_maps(valid, False) & valid.unsqueeze(1)  # (B, 8, H, W)
     cosine = torch.where(pair_valid, neighbour_cosine(features, eps), 0.0)  # (B, 8, H, W)
     # L1 over the valid neighbours; the authors divided by the signed sum, which can be 0
     norm = cosine.abs().sum(1, keepdim=True).clamp_min(eps)  # (B, 1, H, W)
@@ -234,7 +234,7 @@ def pixel_affinity_loss(
         valid = valid & (confidence >= threshold)
     pred = _affinity(features, valid, eps)
     signs = torch.where(target > 0, 1.0, -1.0).to(pred.weights.dtype)  # M at every pixel, (B, H, W)
-    neighbour_signs = neighbour_maps(signs, 0.0)  # M_k(p), (B, 8, H, W)
+    neighbour_signs = _neighbour_maps(signs, 0.0)  # M_k(p), (B, 8, H, W)
     g_pred = (pred.weights * neighbour_signs).sum(1)  # Ĝ, Eq. 13, (B, H, W)
     count = pred.valid.sum(1)  # valid neighbours per pixel, (B, H, W)
     if target_features is None:

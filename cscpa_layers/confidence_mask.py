@@ -221,4 +221,7 @@ class ConfidenceMasking(nn.Module):
         return MaskedImages(torch.where(mask, self.fill, images), mask)
 
     def extra_repr(self) -> str:
-        return f"patch_size={self.patch_size}, keep_hard={self.keep_hard}, mask_ratio={self.mask_ratio}, fill={self.fill}"
+        return (
+            f"patch_size={self.patch_size}, keep_hard={self.keep_hard}, "
+            f"mask_ratio={self.mask_ratio}, fill={self.fill}"
+        )

@@ -41,7 +41,8 @@ def confidence_mask_loop(
         by_hardness = sorted(hardness, key=lambda j: -hardness[j])
         kept = set(by_hardness[: math.ceil(keep_hard * len(hardness) - 1e-9)])
         others = [j for j in range(len(boxes)) if j not in kept]
-        chosen = sorted(others, key=lambda j: scores[i, j].item())[: math.ceil(mask_ratio * len(others) - 1e-9)]
+        n_mask = math.ceil(mask_ratio * len(others) - 1e-9)
+        chosen = sorted(others, key=lambda j: scores[i, j].item())[:n_mask]
         for j in chosen:
             ys, xs = boxes[j]
             mask[i, 0, ys, xs] = True
