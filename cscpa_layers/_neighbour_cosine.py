@@ -50,7 +50,10 @@ _DEVICE_CHUNK = 2**24
 
 
 def overlap(dy: int, dx: int, h: int, w: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
-    """Slices (rows, cols) of the pixels p whose neighbour p + (dy, dx) is on the image, and of it."""
+    """(rows, cols) slices of the pixels p whose neighbour p + (dy, dx) is on the image.
+
+    Returns the slices of those pixels and the slices of their neighbours.
+    """
     r0, c0 = max(0, -dy), max(0, -dx)
     r1, c1 = max(r0, h - max(0, dy)), max(c0, w - max(0, dx))
     return (slice(r0, r1), slice(c0, c1)), (slice(r0 + dy, r1 + dy), slice(c0 + dx, c1 + dx))
