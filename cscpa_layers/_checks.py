@@ -79,3 +79,43 @@ def check_range(value: float, name: str, low: float, high: float, *, low_open: b
     if below or value > high:
         bracket = "(" if low_open else "["
         raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+
+
+def _reading_data_is_allowed(x: Tensor) -> bool:
+    """Value checks read the data: skip them on empty tensors and while torch.compile traces.
+
+    Under ``torch.compile(fullgraph=True)`` a data-dependent Python branch would break the
+    graph; the eager call of the same code has validated the same kind of input already.
+    """
+    return x.numel() > 0 and not torch.compiler.is_compiling()
+
+
+def check_values_in(x: Tensor, name: str, low: float, high: float) -> None:
+    """Raise unless every value of ``x`` lies in ``[low, high]`` (NaN fails too)."""
+    if not _reading_data_is_allowed(x):
+        return
+    smallest, largest = torch.aminmax(x)  # one pass; NaN propagates and fails both tests
+    if not bool((smallest >= low) & (largest <= high)):
+        bad = ~((x >= low) & (x <= high))
+        raise ValueError(
+            f"{name} must lie in [{low}, {high}], got {int(bad.sum())} value(s) outside, "
+            f"e.g. {x[bad].flatten()[0].item()}"
+        )
+
+
+def check_labels(x: Tensor, name: str, ignore_index: int) -> None:
+    """Raise unless every label is >= 0 or equal to ``ignore_index``."""
+    if not _reading_data_is_allowed(x):
+        return
+    bad = (x < 0) & (x != ignore_index)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} must hold class labels >= 0 or ignore_index={ignore_index}, "
+            f"got {int(bad.sum())} other value(s), e.g. {x[bad].flatten()[0].item()}"
+        )
+
+
+def check_int(value: Any, name: str) -> None:
+    """Raise ``TypeError`` unless ``value`` is an ``int`` (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")

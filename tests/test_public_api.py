@@ -19,6 +19,20 @@ EXPECTED = {
     "edge_prototype_attention",
     "foreground_prototype_attention",
     "select_edge_features",
+    # pixel affinity loss, confidence masking, pseudo-labels (issue 4)
+    "ConfidenceMasking",
+    "MaskedImages",
+    "NEIGHBOUR_OFFSETS",
+    "PixelAffinity",
+    "PixelAffinityLoss",
+    "PseudoLabels",
+    "confidence_mask",
+    "entropy_keep_mask",
+    "keep_hard_schedule",
+    "keep_percent_schedule",
+    "pixel_affinity",
+    "pixel_affinity_loss",
+    "pseudo_labels",
 }
 
 

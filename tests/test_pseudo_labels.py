@@ -1,0 +1,176 @@
+"""pseudo_labels, entropy_keep_mask and the two schedules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cscpa_layers import (
+    PseudoLabels,
+    entropy_keep_mask,
+    keep_hard_schedule,
+    keep_percent_schedule,
+    pseudo_labels,
+)
+from tests.conftest import DEVICES
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    return torch.special.entr(logits.softmax(1)).sum(1)
+
+
+# --- pseudo_labels ----------------------------------------------------------------------------
+
+
+def test_pseudo_labels_hand_computed() -> None:
+    logits = torch.tensor([[[[4.0, 0.0, 0.0]], [[0.0, 0.1, 0.0]], [[0.0, 0.0, 3.0]]]])  # (1, 3, 1, 3)
+    out = pseudo_labels(logits, threshold=0.8)
+    assert isinstance(out, PseudoLabels)
+    assert out.labels.tolist() == [[[0, 1, 2]]] and out.labels.dtype == torch.int64
+    expected = torch.stack([torch.softmax(logits[0, :, 0, j], 0).max() for j in range(3)]).view(1, 1, 3)
+    torch.testing.assert_close(out.confidence, expected)
+    assert out.valid.tolist() == [[[True, False, True]]]  # 0.96, 0.36, 0.91
+
+
+def test_threshold_is_inclusive() -> None:
+    out = pseudo_labels(torch.zeros(1, 2, 2, 2), threshold=0.5)  # two equal logits: confidence 0.5
+    assert out.valid.all() and out.labels.eq(0).all()
+
+
+@given(
+    b=st.integers(1, 3),
+    k=st.integers(1, 5),
+    h=st.integers(1, 16),
+    w=st.integers(1, 16),
+    threshold=st.floats(0.0, 1.0),
+)
+def test_pseudo_labels_shapes_and_consistency(b: int, k: int, h: int, w: int, threshold: float) -> None:
+    logits = torch.randn(b, k, h, w)
+    out = pseudo_labels(logits, threshold=threshold)
+    for field in out:
+        assert field.shape == (b, h, w)
+    assert torch.equal(out.labels, logits.argmax(1))
+    assert ((out.confidence >= 1 / k - 1e-6) & (out.confidence <= 1)).all()
+    assert torch.equal(out.valid, out.confidence >= threshold)
+
+
+def test_pseudo_labels_are_detached() -> None:
+    logits = torch.randn(2, 2, 3, 3, requires_grad=True)
+    out = pseudo_labels(logits)
+    assert not out.confidence.requires_grad and out.confidence.grad_fn is None
+
+
+def test_pseudo_labels_in_low_precision() -> None:
+    logits = torch.randn(2, 3, 4, 4)
+    out = pseudo_labels(logits.bfloat16())
+    assert out.confidence.dtype == torch.bfloat16
+    assert torch.equal(out.labels, logits.bfloat16().argmax(1))
+
+
+# --- entropy_keep_mask ------------------------------------------------------------------------
+
+
+def test_keeps_the_lowest_entropy_pixels_with_round_half_up_counts() -> None:
+    # 10 pixels of strictly increasing entropy: logit margins 9, 8, ..., 0
+    margins = torch.arange(9.0, -1.0, -1.0)
+    logits = torch.stack([margins, torch.zeros(10)]).view(1, 2, 2, 5)
+    for percent, count in [(0, 0), (4, 0), (5, 1), (25, 3), (50, 5), (79.9, 8), (100, 10)]:
+        keep = entropy_keep_mask(logits, keep_percent=percent)
+        assert keep.shape == (1, 2, 5) and keep.dtype == torch.bool
+        assert keep.flatten().tolist() == [i < count for i in range(10)], percent
+
+
+def test_the_percentile_is_over_the_whole_batch() -> None:
+    confident = torch.tensor([8.0, 0.0]).view(1, 2, 1, 1).expand(1, 2, 3, 3)
+    unsure = torch.tensor([0.5, 0.0]).view(1, 2, 1, 1).expand(1, 2, 3, 3)
+    keep = entropy_keep_mask(torch.cat([unsure, confident]), keep_percent=50)
+    assert not keep[0].any()  # all 9 uncertain pixels go
+    assert int(keep[1].sum()) == 9  # round(0.5 * 18) = 9 kept, all from the confident image
+
+
+def test_ties_keep_the_earlier_pixel() -> None:
+    keep = entropy_keep_mask(torch.zeros(1, 2, 2, 2), keep_percent=50)
+    assert keep.flatten().tolist() == [True, True, False, False]
+
+
+@given(n=st.integers(2, 400), percent=st.floats(0.0, 100.0))
+def test_matches_the_u2pl_percentile_rule_up_to_one_pixel(n: int, percent: float) -> None:
+    # U2PL (the authors' code) keeps the pixels strictly below np.percentile(entropy, percent)
+    logits = torch.randn(1, 3, 1, n, dtype=torch.float64) * 3
+    entropy = _entropy(logits).flatten().numpy()
+    u2pl = torch.from_numpy(entropy < np.percentile(entropy, percent))
+    ours = entropy_keep_mask(logits, keep_percent=percent).flatten()
+    assert abs(int(ours.sum()) - int(u2pl.sum())) <= 1
+    assert bool((ours | u2pl).eq(ours).all()) or bool((ours | u2pl).eq(u2pl).all())  # nested sets
+    assert int(ours.sum()) == math.floor(percent / 100 * n + 0.5 + 1e-9)
+
+
+def test_rescaling_snippet_gives_the_authors_weight() -> None:
+    logits = torch.randn(2, 2, 4, 4)
+    keep = entropy_keep_mask(logits, keep_percent=75)
+    weight = keep.numel() / keep.sum().clamp_min(1)
+    assert weight.item() == pytest.approx(32 / 24)
+
+
+def test_entropy_keep_mask_is_detached_and_handles_empty_input() -> None:
+    logits = torch.randn(2, 2, 3, 3, requires_grad=True)
+    assert not entropy_keep_mask(logits, keep_percent=80).requires_grad
+    assert entropy_keep_mask(torch.randn(0, 2, 3, 3), keep_percent=80).shape == (0, 3, 3)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+def test_cuda_equals_cpu() -> None:
+    logits = torch.randn(3, 2, 17, 19)
+    for percent in (0, 33.3, 80, 100):
+        assert torch.equal(entropy_keep_mask(logits.cuda(), keep_percent=percent).cpu(), entropy_keep_mask(logits, keep_percent=percent))
+    cpu, cuda = pseudo_labels(logits), pseudo_labels(logits.cuda())
+    assert torch.equal(cuda.labels.cpu(), cpu.labels)
+    torch.testing.assert_close(cuda.confidence.cpu(), cpu.confidence)
+
+
+# --- schedules --------------------------------------------------------------------------------
+
+
+def test_keep_hard_schedule() -> None:
+    assert keep_hard_schedule(0, 200) == pytest.approx(0.7)
+    assert keep_hard_schedule(50, 200) == pytest.approx(0.525)
+    assert keep_hard_schedule(200, 200) == 0.0
+    assert keep_hard_schedule(2.5, 10, start=0.4) == pytest.approx(0.3)
+
+
+def test_keep_percent_schedule() -> None:
+    assert keep_percent_schedule(0, 200) == 80.0
+    assert keep_percent_schedule(50, 200) == 85.0
+    assert keep_percent_schedule(200, 200) == 100.0
+    assert keep_percent_schedule(1, 4, start=100.0, end=60.0) == 90.0
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: pseudo_labels(torch.randn(2, 3, 3)), ValueError, r"logits must be 4-D \(B, K, H, W\), got 3-D"),
+        (lambda: pseudo_labels(torch.ones(1, 2, 3, 3, dtype=torch.long)), ValueError, r"floating-point"),
+        (lambda: pseudo_labels(torch.randn(1, 2, 3, 3), threshold=1.1), ValueError, r"threshold must be in \[0.0, 1.0\], got 1.1"),
+        (lambda: pseudo_labels(torch.randn(1, 0, 3, 3)), ValueError, r"at least one class"),
+        (lambda: entropy_keep_mask(torch.randn(1, 2, 3, 3), keep_percent=101), ValueError, r"keep_percent must be in \[0.0, 100.0\], got 101"),
+        (lambda: entropy_keep_mask(torch.randn(1, 2, 3, 3), keep_percent="80"), TypeError, r"keep_percent must be a number, got str"),  # type: ignore[arg-type]
+        (lambda: keep_hard_schedule(201, 200), ValueError, r"epoch must be in \[0.0, 200.0\], got 201"),
+        (lambda: keep_hard_schedule(0, 0), ValueError, r"epochs must be a positive int, got 0"),
+        (lambda: keep_hard_schedule(0, 10, start=1.5), ValueError, r"start must be in \[0.0, 1.0\], got 1.5"),
+        (lambda: keep_percent_schedule(-1, 10), ValueError, r"epoch must be in \[0.0, 10.0\], got -1"),
+        (lambda: keep_percent_schedule(0, 10, end=120.0), ValueError, r"end must be in \[0.0, 100.0\], got 120.0"),
+        (lambda: keep_percent_schedule(0, 10.0), TypeError, r"epochs must be an int, got float"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_input_raises(call: object, error: type[Exception], message: str) -> None:
+    assert callable(call)
+    with pytest.raises(error, match=message):
+        call()
