@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import configparser
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,20 @@ META_KEYS = {"git_sha", "torch", "device", "device_name", "device_count", "cpu_m
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """Every suite once at its smoke size, in this process, without the memory subprocesses."""
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every suite once at its smoke size, in this process, without the memory subprocesses.
+
+    One thread: tiny kernels on two threads of a busy machine wait for each other far longer
+    than they compute, which made this fixture take a minute instead of seconds.
+    """
     out = tmp_path_factory.mktemp("bench")
-    data = run.main(["--device", "cpu", "--smoke", "--no-memory", "--results-dir", str(out), "--no-docs"])
+    threads = torch.get_num_threads()
+    try:
+        data = run.main(["--device", "cpu", "--smoke", "--no-memory", "--threads", "1", "--results-dir", str(out), "--no-docs"])
+    finally:
+        torch.set_num_threads(threads)
     assert data is not None
-    return out, data
+    yield out, data
 
 
 def test_smoke_run_records_every_suite_with_metadata(smoke_run: tuple[Path, dict[str, Any]]) -> None:
@@ -38,7 +47,7 @@ def test_smoke_run_records_every_suite_with_metadata(smoke_run: tuple[Path, dict
     assert len(files) == 1
     assert json.loads(files[0].read_text()) == data  # what main returned is what it wrote
     assert META_KEYS <= set(data["meta"])
-    assert data["meta"]["threads"] == torch.get_num_threads()
+    assert data["meta"]["threads"] == 1  # --threads 1
     assert data["meta"]["device"] == "cpu" and data["mode"] == "smoke"
     assert list(data["suites"]) == suites.NAMES
     for name, section in data["suites"].items():
