@@ -30,13 +30,24 @@ class Target:
     max_overhead: float | None = None  # candidate / baseline time, at most
     min_pixels: int = 0  # only rows with H*W at least this
     devices: tuple[str, ...] = ("cpu", "cuda")
+    sizes: tuple[tuple[str, int], ...] | None = None  # only rows of exactly these sizes
+    dtypes: tuple[str, ...] | None = None  # only rows of these dtypes
 
 
 TARGETS = [
     Target("fpa", ("forward+backward",), "FPA forward+backward ≥ 2× faster and ≥ 5× less extra memory than dense, at N ≥ 64²", 2.0, 5.0, min_pixels=64 * 64),
     Target("pal", ("forward+backward*",), "PAL forward+backward ≥ 4× faster and ≥ 5× less extra memory than dense (rows at N ≥ 64²)", 4.0, 5.0, min_pixels=64 * 64),
     Target("masking", ("mask",), "confidence masking ≥ 10× faster than the per-patch loop", 10.0),
-    Target("iteration", ("iteration",), "CSC-PA parts' overhead on a full training iteration ≤ 1.15× on CPU", max_overhead=1.15, devices=("cpu",)),
+    Target(
+        "iteration",
+        ("iteration",),
+        "CSC-PA parts' overhead on a full training iteration ≤ 1.15× on CPU, at the CPU config "
+        "(ResNet-18, crop 128, batch 2 + 2, float32)",
+        max_overhead=1.15,
+        devices=("cpu",),
+        sizes=(("resnet", 18), ("crop", 128), ("B_l", 2), ("B_u", 2)),
+        dtypes=("float32",),
+    ),
 ]
 
 
@@ -93,6 +104,10 @@ def evaluate(target: Target, device: str, section: dict[str, Any] | None) -> dic
     checked = []
     for row in paired_rows(section):
         if not _op_matches(row["op"], target.ops) or _pixels(row["sizes"]) < target.min_pixels:
+            continue
+        if target.sizes is not None and tuple(row["sizes"].items()) != target.sizes:
+            continue
+        if target.dtypes is not None and row["dtype"] not in target.dtypes:
             continue
         if "speedup" not in row:
             checked.append({**row, "verdict": "not measured"})

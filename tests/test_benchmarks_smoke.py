@@ -162,3 +162,11 @@ def test_benchmarks_stay_out_of_pytest_collection() -> None:
     config.read(ROOT / "setup.cfg")
     assert config["tool:pytest"]["testpaths"].split() == ["tests", "cscpa_layers"]
     assert not [p for p in (ROOT / "benchmarks").rglob("*.py") if p.name.startswith("test_") or p.name.endswith("_test.py")]
+
+
+def test_the_overhead_target_is_judged_at_the_iteration_suites_cpu_config() -> None:
+    from benchmarks.suites.iteration import CPU_CONFIG
+
+    overhead = next(t for t in report.TARGETS if t.suite == "iteration")
+    assert overhead.sizes == tuple(CPU_CONFIG.items())
+    assert f"crop {CPU_CONFIG['crop']}" in overhead.text and f"ResNet-{CPU_CONFIG['resnet']}" in overhead.text
