@@ -224,6 +224,7 @@ def dataset_greys(dataset: SegmentationDataset, progress: Callable[[Iterable[int
 def write_splits(splits: dict[str, Any], path: str | Path) -> None:
     """Write ``splits`` as JSON with sorted keys: equal splits give byte-identical files."""
     text = json.dumps(splits, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text, encoding="utf-8")
 
 

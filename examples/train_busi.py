@@ -1,0 +1,255 @@
+"""Train CSC-PA (or the SupOnly baseline) on BUSI, an images/masks folder, or the phantom.
+
+    python examples/train_busi.py                                   # phantom, CSC-PA, fold 0, 1/8 labels
+    python examples/train_busi.py --data /data/BUSI --backbone resnet50 --crop 513
+    python examples/train_busi.py --method both --folds all          # SupOnly and CSC-PA, every fold
+    torchrun --nproc_per_node=4 examples/train_busi.py --data /data/BUSI   # one process per GPU
+
+The schedule follows the paper (method.md §6): --pretrain-epochs of supervised training
+(CE + PAL on the labeled half, the unlabeled half acting through FPA), the edge container's
+initialisation, then per iteration stage 1 on [labeled, unlabeled] and stage 2 on
+[labeled, masked] with pseudo-labels, SGD with momentum 0.9, weight decay 5e-4 and poly
+learning rate. The checkpoint is chosen on the fold's val split (never the test split), and
+the test split is scored per image at the original resolution.
+
+Everything lands in --out: last.pt (full state, atomic, also on Ctrl-C / SIGTERM), best.pt,
+results.json and test_scores.csv per fold, overlays/, and summary.json / summary.csv.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts examples/ first on sys.path: put the repository root there so
+# that `examples` imports as a package (and its modules cannot shadow installed packages).
+_ROOT = str(Path(__file__).resolve().parents[1])
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = _ROOT
+elif _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+from typing import Any, NamedTuple  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from examples.datasets import DataError, build_dataset  # noqa: E402
+from examples.deeplab import DeepLabV3Plus  # noqa: E402
+from examples.metrics import mean_std  # noqa: E402
+from examples.make_splits import main as make_splits_main  # noqa: E402
+from examples.splits import load_split  # noqa: E402
+from examples.trainer import FoldResult, FoldTrainer, TrainConfig, git_sha, pick_device  # noqa: E402
+from examples.transforms import EvalTransform, TrainTransform  # noqa: E402
+
+
+class FoldData(NamedTuple):
+    labeled: Any
+    unlabeled: Any
+    val: Any
+    test: Any
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=["cscpa", "suponly", "both"], default=d.method,
+                   help="cscpa: the full method; suponly: the same network without FPA/EPA/PAL on the labeled images only; "
+                        "both: SupOnly then CSC-PA, with a comparison table (default %(default)s)")
+    g.add_argument("--no-fpa", action="store_true", help="ablation: no foreground prototype attention")
+    g.add_argument("--no-epa", action="store_true", help="ablation: no edge prototype attention (and no edge container)")
+    g.add_argument("--no-pal", action="store_true", help="ablation: no pixel affinity loss")
+    g.add_argument("--no-masking", action="store_true", help="ablation: stage 2 sees the unmasked unlabeled images")
+    g.add_argument("--threshold", type=float, default=d.threshold, help="pseudo-label confidence tau (default %(default)s)")
+    g.add_argument("--reliability", choices=["threshold", "entropy"], default=d.reliability,
+                   help="pseudo-label rule: the paper's confidence threshold, or the authors' entropy percentile (default %(default)s)")
+    g.add_argument("--patch-size", type=int, default=None, help="masking patch side in pixels (default crop // 9, the paper's 9x9 grid)")
+    g.add_argument("--mask-ratio", type=float, default=d.mask_ratio, help="share of the easy patches masked (default %(default)s)")
+    g.add_argument("--fpa-eval", choices=["self", "identity"], default=d.fpa_eval,
+                   help="FPA at evaluation: pair each image with itself, or skip FPA as the authors did (default %(default)s)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=d.data, help="a BUSI folder (benign/ malignant/ [normal/]), an images/ + masks/ folder, "
+                                                 "or 'phantom' for the built-in synthetic phantom (default %(default)s)")
+    g.add_argument("--split", default=None, help="split file from examples/make_splits.py (default: made once in --out/splits.json)")
+    g.add_argument("--fold", default="0", help="fold index, or 'all' for every fold (default %(default)s)")
+    g.add_argument("--labeled", choices=["1/2", "1/4", "1/8"], default=d.labeled, help="labeled fraction (default %(default)s)")
+    g.add_argument("--include-normal", action="store_true", help="BUSI: also use normal/ (the paper uses abnormal images only)")
+    g.add_argument("--phantom-images", type=int, default=d.phantom_images, help="phantom: number of images (default %(default)s)")
+    g = p.add_argument_group("model and schedule")
+    g.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"], default=d.backbone, help="(default %(default)s)")
+    g.add_argument("--output-stride", type=int, choices=[8, 16], default=d.output_stride, help="(default %(default)s)")
+    g.add_argument("--no-pretrained", action="store_true", help="start the backbone from random weights (no download)")
+    g.add_argument("--weights", default=None, help="backbone ImageNet weights from this file instead of a download")
+    g.add_argument("--crop", type=int, default=d.crop, help="training crop side (default %(default)s, the paper's)")
+    g.add_argument("--eval-size", type=int, default=None, help="side images are resized to for evaluation (default: --crop)")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="total epochs, pre-training included (default %(default)s)")
+    g.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs, help="supervised epochs first (default %(default)s)")
+    g.add_argument("--iters-per-epoch", type=int, default=None,
+                   help="iterations per epoch (default: one pass over the unlabeled set, for both methods)")
+    g.add_argument("--batch", type=int, default=d.batch, help="labeled and unlabeled images per step and process (default %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="base learning rate, poly decay with power 0.9 (default %(default)s)")
+    g.add_argument("--select", choices=["best", "last"], default=d.select, help="checkpoint scored on test: best val Dice or last epoch (default %(default)s)")
+    g = p.add_argument_group("running")
+    g.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device, help="(default %(default)s)")
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=d.amp, help="mixed precision (default %(default)s)")
+    g.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
+    g.add_argument("--resume", action="store_true", help="continue from --out/<method>/fold<k>/last.pt where it stopped")
+    g.add_argument("--workers", type=int, default=d.workers, help="data-loader processes (default %(default)s)")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="also checkpoint every N iterations (default %(default)s; 0: epochs only)")
+    g.add_argument("--overlays", type=int, default=d.overlays, help="test images written as overlay PNGs (default %(default)s)")
+    g.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm across processes")
+    return p.parse_args(argv)
+
+
+def config_for(args: argparse.Namespace, method: str, fold: int) -> TrainConfig:
+    return TrainConfig(
+        method=method, fpa=not args.no_fpa, epa=not args.no_epa, pal=not args.no_pal, masking=not args.no_masking,
+        data=args.data, phantom_images=args.phantom_images, include_normal=args.include_normal, split=args.split,
+        fold=fold, labeled=args.labeled, backbone=args.backbone, output_stride=args.output_stride,
+        pretrained=not args.no_pretrained, weights=args.weights, crop=args.crop, eval_size=args.eval_size,
+        epochs=args.epochs, pretrain_epochs=args.pretrain_epochs if method == "cscpa" else 0,
+        iters_per_epoch=args.iters_per_epoch, batch=args.batch, lr=args.lr, threshold=args.threshold,
+        reliability=args.reliability, patch_size=args.patch_size, mask_ratio=args.mask_ratio, fpa_eval=args.fpa_eval,
+        select=args.select, seed=args.seed, device=args.device, amp=args.amp, workers=args.workers,
+        save_every=args.save_every, overlays=args.overlays, sync_bn=args.sync_bn, out=args.out, resume=args.resume,
+    )
+
+
+def open_dataset(args: argparse.Namespace) -> Any:
+    try:
+        # The phantom's content is fixed (seed 0); --seed changes the training, not the data.
+        return build_dataset(args.data, include_normal=args.include_normal, phantom_count=args.phantom_images)
+    except (DataError, FileNotFoundError) as error:
+        raise SystemExit(f"--data {args.data!r}: {error}") from error
+
+
+def split_file(args: argparse.Namespace, dataset: Any, main: bool) -> Path:
+    """The split file to use: --split, or one made once (and then reused) in --out."""
+    if args.split:
+        path = Path(args.split)
+        if not path.is_file():
+            raise SystemExit(f"--split {path}: no such file (make one with examples/make_splits.py)")
+        return path
+    path = Path(args.out) / "splits.json"
+    if main and not path.exists():
+        print(f"no --split given: finding duplicates and writing a 5-fold split to {path}", flush=True)
+        command = [args.data, "--out", str(path), "--folds", "5", "--seed", str(args.seed), "--quiet"]
+        command += ["--count", str(args.phantom_images)] if args.data == "phantom" else []
+        command += ["--include-normal"] if args.include_normal else []
+        if make_splits_main(command) != 0:
+            raise SystemExit(f"could not write a split file for --data {args.data!r} (see the error above)")
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def fold_data(dataset: Any, path: Path, fold: int, args: argparse.Namespace) -> FoldData:
+    split = load_split(path, fold, args.labeled)
+    if not split.val:
+        # The checkpoint is chosen on val, never on test: without val there is nothing to choose on.
+        raise SystemExit(f"fold {fold} of {path} has no val part; remake it with examples/make_splits.py --val-fraction 0.1")
+    train, evaluation = TrainTransform(args.crop), EvalTransform(args.eval_size or args.crop)
+    try:
+        return FoldData(
+            dataset.subset(split.labeled).with_transform(train),
+            dataset.subset(split.unlabeled).with_transform(train),
+            dataset.subset(split.val).with_transform(evaluation),
+            dataset.subset(split.test).with_transform(evaluation),
+        )
+    except (KeyError, ValueError) as error:
+        raise SystemExit(f"--split {path} does not fit --data {args.data!r}: {error}") from error
+
+
+def build_model(config: TrainConfig) -> torch.nn.Module:
+    try:
+        model = DeepLabV3Plus(
+            2, backbone=config.backbone, output_stride=config.output_stride,
+            pretrained=config.pretrained, weights=config.weights, fpa=config.uses_fpa, epa=config.uses_epa,
+        )
+    except RuntimeError as error:
+        raise SystemExit(str(error)) from error
+    if model.fpa is not None:
+        model.fpa.eval_pairing = config.fpa_eval
+    return model
+
+
+def setup_distributed(device_name: str) -> torch.device:
+    """Join the torchrun process group when WORLD_SIZE > 1; NCCL on GPUs, gloo on CPU."""
+    device = pick_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def table(results: list[FoldResult]) -> str:
+    """The paper's format: per method, Dice and IoU in %, mean ± std over folds."""
+    lines = ["| method | folds | Dice % | IoU % |", "|---|---|---|---|"]
+    for method in dict.fromkeys(r.method for r in results):
+        mine = [r for r in results if r.method == method]
+        name = {"cscpa": "CSC-PA", "suponly": "SupOnly"}.get(method, method)
+        if len(mine) == 1:
+            t = mine[0].test
+            lines.append(f"| {name} | {mine[0].fold} | {100 * t.dice:.2f} ± {100 * t.dice_std:.2f} (over images) | "
+                         f"{100 * t.iou:.2f} ± {100 * t.iou_std:.2f} (over images) |")
+        else:
+            dice, dice_sd = mean_std([r.test.dice for r in mine])
+            iou, iou_sd = mean_std([r.test.iou for r in mine])
+            lines.append(f"| {name} | {len(mine)} | {100 * dice:.2f} ± {100 * dice_sd:.2f} | {100 * iou:.2f} ± {100 * iou_sd:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = setup_distributed(args.device)
+    rank_zero = not dist.is_initialized() or dist.get_rank() == 0
+    log = print if rank_zero else (lambda *_: None)
+    torch.manual_seed(args.seed)
+    dataset = open_dataset(args)
+    path = split_file(args, dataset, rank_zero)
+    with open(path, encoding="utf-8") as handle:
+        fold_count = len(json.load(handle)["folds"])
+    folds = list(range(fold_count)) if args.fold == "all" else [int(args.fold)]
+    if any(not 0 <= f < fold_count for f in folds):
+        raise SystemExit(f"--fold must be 'all' or in [0, {fold_count - 1}] for {path}, got {args.fold}")
+    methods = ["suponly", "cscpa"] if args.method == "both" else [args.method]
+    log(f"data {args.data}: {len(dataset)} images; split {path}; folds {folds}; methods {methods}; device {device}")
+    results = []
+    for fold in folds:
+        data = fold_data(dataset, path, fold, args)
+        log(f"fold {fold}: {len(data.labeled)} labeled, {len(data.unlabeled)} unlabeled, {len(data.val)} val, {len(data.test)} test")
+        for method in methods:
+            config = config_for(args, method, fold)
+            out_dir = Path(args.out) / method / f"fold{fold}"
+            trainer = FoldTrainer(config, data, build_model(config), out_dir, device)
+            results.append(trainer.run(log=log))
+    if rank_zero:
+        summary = table(results)
+        print("\n" + summary)
+        Path(args.out, "summary.md").write_text(summary + "\n")
+        Path(args.out, "summary.json").write_text(json.dumps({
+            "git_sha": git_sha(), "args": vars(args),
+            "results": [{"method": r.method, "fold": r.fold, "dice": r.test.dice, "dice_std": r.test.dice_std,
+                         "iou": r.test.iou, "iou_std": r.test.iou_std, "selected_epoch": r.selected_epoch,
+                         "best_val_dice": r.best_val_dice, "seconds": r.seconds} for r in results],
+        }, indent=2))
+        rows = ["method,fold,dice,dice_std,iou,iou_std,selected_epoch,seconds"] + [
+            f"{r.method},{r.fold},{r.test.dice:.6f},{r.test.dice_std:.6f},{r.test.iou:.6f},{r.test.iou_std:.6f},{r.selected_epoch},{r.seconds:.1f}"
+            for r in results
+        ]
+        Path(args.out, "summary.csv").write_text("\n".join(rows) + "\n")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

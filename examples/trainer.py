@@ -1,0 +1,410 @@
+"""Training one fold of CSC-PA or SupOnly: data, schedule, checkpoints, evaluation.
+
+`train_fold` is what `examples/train_busi.py` runs per fold. The per-iteration logic is in
+`examples.cscpa_step.CSCPAStep`; this module owns everything around it: the deterministic
+batch streams, the poly learning rate, pre-training and the container's initialisation,
+per-epoch validation, atomic checkpoints with exact resumption, and the final test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from examples.checkpoint import StopRequest, rng_state, save_atomic, set_rng_state
+from examples.cscpa_step import CSCPAOptions, CSCPAStep, NonFiniteLossError, StepStats
+from examples.evaluate import Evaluation, evaluate
+from examples.samples import collate_samples
+from examples.streams import IndexStream, SeededItems, StreamBatches, mix_seed
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved in every checkpoint and results file."""
+
+    method: str = "cscpa"  # "cscpa" or "suponly"
+    fpa: bool = True
+    epa: bool = True
+    pal: bool = True
+    masking: bool = True
+    data: str = "phantom"
+    phantom_images: int = 240
+    include_normal: bool = False
+    split: str | None = None
+    fold: int = 0
+    folds: int = 5
+    labeled: str = "1/8"
+    backbone: str = "resnet50"
+    output_stride: int = 8
+    pretrained: bool = True
+    weights: str | None = None
+    crop: int = 513
+    eval_size: int | None = None
+    epochs: int = 200
+    pretrain_epochs: int = 10
+    iters_per_epoch: int | None = None
+    batch: int = 4
+    lr: float = 0.003
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    threshold: float = 0.8
+    reliability: str = "threshold"
+    patch_size: int | None = None
+    mask_ratio: float = 0.7
+    keep_hard: float = 0.7
+    fpa_eval: str = "self"
+    select: str = "best"
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    workers: int = 2
+    save_every: int = 50
+    overlays: int = 4
+    sync_bn: bool = False
+    out: str = "runs/cscpa"
+    resume: bool = False
+
+    @property
+    def uses_fpa(self) -> bool:
+        return self.method == "cscpa" and self.fpa
+
+    @property
+    def uses_epa(self) -> bool:
+        return self.method == "cscpa" and self.epa
+
+
+@dataclass
+class FoldResult:
+    method: str
+    fold: int
+    test: Evaluation
+    selected_epoch: int
+    best_val_dice: float
+    history: list[dict[str, float]]
+    seconds: float
+
+
+class Distributed:
+    """Rank, world size and the collectives the trainer needs; trivial without torchrun."""
+
+    def __init__(self) -> None:
+        self.enabled = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.enabled else 0
+        self.world = dist.get_world_size() if self.enabled else 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when any rank says True (used for stop requests)."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(value)
+        return bool(value.item() > 0)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def git_sha() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for, but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def autocast_factory(amp: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    if amp == "none":
+        return contextlib.nullcontext
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _loader(dataset: Any, sampler: StreamBatches, workers: int) -> DataLoader[Any]:
+    return DataLoader(
+        SeededItems(dataset),
+        batch_sampler=sampler,
+        collate_fn=collate_samples,
+        num_workers=workers,
+        persistent_workers=False,
+    )
+
+
+class FoldTrainer:
+    """Holds the state of one fold's run; `run()` trains, resumes, evaluates."""
+
+    def __init__(self, config: TrainConfig, data: Any, model: nn.Module, out_dir: Path, device: torch.device) -> None:
+        self.config = config
+        self.data = data  # has .labeled, .unlabeled, .val, .test (see examples.train_busi)
+        self.out_dir = out_dir
+        self.device = device
+        self.dist = Distributed()
+        self.raw_model = model.to(device)
+        if config.sync_bn and self.dist.enabled:
+            self.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.raw_model)
+        self.model: nn.Module = self.raw_model
+        if self.dist.enabled:
+            ids = [device.index] if device.type == "cuda" else None
+            # Stage 1 leaves the edge container's mixer unused, so unused parameters must be allowed.
+            self.model = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids, find_unused_parameters=True)
+        self.optimizer = torch.optim.SGD(
+            self.raw_model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+        world_batch = config.batch * self.dist.world
+        self.iters_per_epoch = config.iters_per_epoch or max(1, math.ceil(len(data.unlabeled) / world_batch))
+        self.total_iters = config.epochs * self.iters_per_epoch
+        total = self.total_iters
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda t: max(0.0, 1.0 - t / total) ** 0.9
+        )
+        self.scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
+        self.autocast = autocast_factory(config.amp, device)
+        epa = getattr(self.raw_model, "epa", None)
+        self.container = epa.container if epa is not None else None
+        options = CSCPAOptions(
+            pal=config.method == "cscpa" and config.pal,
+            masking=config.method == "cscpa" and config.masking,
+            threshold=config.threshold,
+            reliability=config.reliability,
+            patch_size=config.patch_size or max(1, config.crop // 9),
+            mask_ratio=config.mask_ratio,
+            keep_hard=config.keep_hard,
+        )
+        self.step_runner = CSCPAStep(
+            self.model, self.optimizer, container=self.container, options=options,
+            autocast=self.autocast, scaler=self.scaler,
+        )
+        self.iteration = 0
+        self.best_val = -1.0
+        self.best_epoch = -1
+        self.history: list[dict[str, float]] = []
+        self.pretrain_edges: list[torch.Tensor] = []
+        self.labeled_stream = IndexStream(len(data.labeled), seed=config.seed, tag=f"labeled-{config.fold}")
+        self.unlabeled_stream = IndexStream(len(data.unlabeled), seed=config.seed, tag=f"unlabeled-{config.fold}")
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": dataclasses.asdict(self.config),
+            "model": self.raw_model.state_dict(),  # includes the edge bank and its flag
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "iteration": self.iteration,
+            "epoch": self.iteration // self.iters_per_epoch,
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+            "pretrain_edges": [e.cpu() for e in self.pretrain_edges],
+            "rng": rng_state(),
+            "git_sha": git_sha(),
+        }
+
+    def save(self) -> None:
+        if self.dist.main:
+            save_atomic(self.state(), self.last_path)
+        self.dist.barrier()
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        saved = state["config"]
+        for key in ("method", "fpa", "epa", "backbone", "output_stride", "crop", "epochs", "pretrain_epochs", "batch", "fold", "labeled", "seed"):
+            if saved.get(key) != getattr(self.config, key):
+                raise SystemExit(
+                    f"cannot resume from {path}: it was made with {key}={saved.get(key)!r}, this run has "
+                    f"{key}={getattr(self.config, key)!r}; use the same settings or another --out"
+                )
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.iteration = state["iteration"]
+        self.best_val, self.best_epoch = state["best_val"], state["best_epoch"]
+        self.history = state["history"]
+        self.pretrain_edges = [e.to(self.device) for e in state["pretrain_edges"]]
+        set_rng_state(state["rng"])
+
+    # -- training ------------------------------------------------------------------------------
+
+    def _batches(self, epoch: int) -> Iterator[tuple[Any, Any]]:
+        first, last = self.iteration, (epoch + 1) * self.iters_per_epoch
+        cfg, rank, world = self.config, self.dist.rank, self.dist.world
+        labeled = _loader(self.data.labeled, StreamBatches(self.labeled_stream, first, last, cfg.batch, rank=rank, world=world), cfg.workers)
+        if cfg.method == "suponly":
+            for batch in labeled:
+                yield batch, None
+            return
+        unlabeled = _loader(self.data.unlabeled, StreamBatches(self.unlabeled_stream, first, last, cfg.batch, rank=rank, world=world), cfg.workers)
+        yield from zip(labeled, unlabeled)
+
+    def _one_step(self, epoch: int, labeled: Any, unlabeled: Any) -> StepStats:
+        cfg = self.config
+        # Every random draw of a step is a function of (seed, step): resuming is exact.
+        torch.manual_seed(mix_seed(cfg.seed, "step", self.iteration, self.dist.rank))
+        generator = torch.Generator(self.device).manual_seed(mix_seed(cfg.seed, "draws", self.iteration))
+        x_l = labeled.image.to(self.device, non_blocking=True)
+        y_l = labeled.mask.to(self.device, non_blocking=True)
+        if cfg.method == "suponly":
+            return self.step_runner.supervised_step(x_l, y_l)
+        x_u = unlabeled.image.to(self.device, non_blocking=True)
+        if epoch < cfg.pretrain_epochs:
+            stats, edges = self.step_runner.pretrain_step(x_l, y_l, x_u, generator=generator)
+            if epoch == cfg.pretrain_epochs - 1 and self.container is not None:
+                self.pretrain_edges.append(edges)
+                # Keep the most recent rows only: enough to draw the bank from.
+                while sum(e.shape[0] for e in self.pretrain_edges) > 16 * self.container.bank.shape[0]:
+                    self.pretrain_edges.pop(0)
+            return stats
+        return self.step_runner.train_step(x_l, y_l, x_u, epoch=epoch, epochs=cfg.epochs, generator=generator)
+
+    def _end_of_pretraining(self) -> None:
+        if self.container is None or not self.pretrain_edges:
+            return
+        generator = torch.Generator(self.device).manual_seed(mix_seed(self.config.seed, "bank-init"))
+        candidates = torch.cat(self.pretrain_edges)
+        self.container.initialize(candidates, generator=generator)
+        self.pretrain_edges = []
+
+    def run(self, *, log: Callable[[str], None] = print) -> FoldResult:
+        cfg = self.config
+        start_time = time.perf_counter()
+        if cfg.resume and self.last_path.exists():
+            self.load(self.last_path)
+            log(f"resumed from {self.last_path} at iteration {self.iteration} (epoch {self.iteration // self.iters_per_epoch})")
+        elif cfg.resume:
+            log(f"--resume: no checkpoint at {self.last_path}, starting from scratch")
+        last_val = self.history[-1]["val_dice"] if self.history else float("nan")
+        with StopRequest() as stop:
+            while self.iteration < self.total_iters:
+                epoch = self.iteration // self.iters_per_epoch
+                phase = "suponly" if cfg.method == "suponly" else ("pretrain" if epoch < cfg.pretrain_epochs else "cscpa")
+                bar = tqdm(
+                    total=self.iters_per_epoch, initial=self.iteration - epoch * self.iters_per_epoch,
+                    desc=f"fold {cfg.fold} {phase} epoch {epoch + 1}/{cfg.epochs}", disable=not self.dist.main,
+                    leave=False, dynamic_ncols=True, file=sys.stderr,
+                )
+                stats = None
+                for labeled, unlabeled in self._batches(epoch):
+                    try:
+                        stats = self._one_step(epoch, labeled, unlabeled)
+                    except NonFiniteLossError as error:
+                        bar.close()
+                        raise SystemExit(
+                            f"stopped: {error} at iteration {self.iteration} (epoch {epoch + 1}). The last good "
+                            f"checkpoint is kept at {self.last_path}; lower --lr or try --amp none, then --resume."
+                        ) from error
+                    self.scheduler.step()
+                    self.iteration += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", val_dice=f"{last_val:.4f}")
+                    if self.dist.any(bool(stop)):
+                        bar.close()
+                        self.save()
+                        raise SystemExit(
+                            f"stopped by signal {stop.signal} at iteration {self.iteration}; state saved to "
+                            f"{self.last_path}. Continue with the same command and --resume."
+                        )
+                    if cfg.save_every and self.iteration % cfg.save_every == 0 and self.iteration % self.iters_per_epoch:
+                        self.save()
+                bar.close()
+                if epoch == cfg.pretrain_epochs - 1 and cfg.method == "cscpa":
+                    self._end_of_pretraining()
+                last_val = self._validate(epoch, stats, log)
+                self.save()
+        return self._finish(time.perf_counter() - start_time, log)
+
+    def _validate(self, epoch: int, stats: StepStats | None, log: Callable[[str], None]) -> float:
+        val_dice = float("nan")
+        if self.dist.main:
+            result = evaluate(self.raw_model, self.data.val, self.device, autocast=self.autocast)
+            val_dice = result.dice
+            record = {"epoch": epoch + 1, "iteration": self.iteration, "val_dice": result.dice, "val_iou": result.iou}
+            if stats is not None:
+                record.update({f"train_{k}": float(v) for k, v in stats._asdict().items()})
+            self.history.append(record)
+            if result.dice > self.best_val:
+                self.best_val, self.best_epoch = result.dice, epoch + 1
+                save_atomic({"config": dataclasses.asdict(self.config), "model": self.raw_model.state_dict(), "epoch": epoch + 1, "val_dice": result.dice}, self.best_path)
+            log(f"fold {self.config.fold} epoch {epoch + 1}/{self.config.epochs}: val Dice {result.dice:.4f} IoU {result.iou:.4f}"
+                + (f", train loss {stats.loss:.4f}" if stats is not None else ""))
+        self.dist.barrier()
+        return val_dice
+
+    def _finish(self, seconds: float, log: Callable[[str], None]) -> FoldResult:
+        cfg = self.config
+        selected = self.total_iters // self.iters_per_epoch
+        if cfg.select == "best" and self.best_path.exists():
+            best = torch.load(self.best_path, map_location=self.device, weights_only=False)
+            self.raw_model.load_state_dict(best["model"])
+            selected = best["epoch"]
+        test = Evaluation([], float("nan"), float("nan"), float("nan"), float("nan"))
+        if self.dist.main:
+            test = evaluate(
+                self.raw_model, self.data.test, self.device, autocast=self.autocast,
+                overlays=cfg.overlays, overlay_dir=self.out_dir / "overlays",
+            )
+            self._write_results(test, selected, seconds)
+            log(f"fold {cfg.fold} {cfg.method}: test Dice {test.dice:.4f} ± {test.dice_std:.4f}, IoU {test.iou:.4f} ± {test.iou_std:.4f} "
+                f"({len(test.scores)} images, checkpoint of epoch {selected}, {cfg.select} on val)")
+        self.dist.barrier()
+        return FoldResult(cfg.method, cfg.fold, test, selected, self.best_val, self.history, seconds)
+
+    def _write_results(self, test: Evaluation, selected: int, seconds: float) -> None:
+        summary = {
+            "method": self.config.method,
+            "fold": self.config.fold,
+            "config": dataclasses.asdict(self.config),
+            "git_sha": git_sha(),
+            "torch": torch.__version__,
+            "device": str(self.device),
+            "world_size": self.dist.world,
+            "selected_epoch": selected,
+            "best_val_dice": self.best_val,
+            "test": {"dice": test.dice, "dice_std": test.dice_std, "iou": test.iou, "iou_std": test.iou_std, "images": len(test.scores)},
+            "history": self.history,
+            "seconds": seconds,
+        }
+        (self.out_dir / "results.json").write_text(json.dumps(summary, indent=2))
+        lines = ["id,dice,iou"] + [f'"{s.id}",{s.dice:.6f},{s.iou:.6f}' for s in test.scores]
+        (self.out_dir / "test_scores.csv").write_text("\n".join(lines) + "\n")
