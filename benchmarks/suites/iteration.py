@@ -17,7 +17,6 @@ so the timed iteration is a steady-state one. bfloat16 and float16 run under ``t
 from __future__ import annotations
 
 import importlib
-import inspect
 from typing import Any
 
 import torch
@@ -95,14 +94,9 @@ class IterationSuite(Suite):
                 kwargs["scaler"] = torch.amp.GradScaler(device.type)
         step = CSCPAStep(model, optimizer, container=container, options=options, **kwargs)
         draw = torch.Generator(device=device).manual_seed(1)
-        # halfway through training: train_step takes either t / T or (t, T)
-        if "progress" in inspect.signature(step.train_step).parameters:
-            when: dict[str, Any] = {"progress": 0.5}
-        else:
-            when = {"epoch": 100, "epochs": 200}
 
         def run() -> object:
-            return step.train_step(x_l, y_l, x_u, generator=draw, **when)
+            return step.train_step(x_l, y_l, x_u, epoch=100, epochs=200, generator=draw)  # halfway
 
         return run
 
