@@ -334,7 +334,33 @@ def metadata(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "loadavg_at_start": load_average(),
+        "cpu_busy_at_start": cpu_busy_fraction() if device.type == "cpu" else None,
     }
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_busy_fraction(seconds: float = 1.0, settle: float = 0.3) -> float | None:
+    """Share of all CPU time used while this process sleeps for ``seconds``: other processes' load.
+
+    Unlike the load average, this does not remember this run's own earlier work. ``settle``
+    first lets this process's thread pool stop spinning after its last parallel region.
+    """
+    time.sleep(settle)
+    before = _cpu_times()
+    time.sleep(seconds)
+    after = _cpu_times()
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def load_average() -> list[float] | None:

@@ -11,7 +11,7 @@ from benchmarks.harness import ROOT
 from benchmarks.runner import format_seconds
 
 MIN_MIB_FOR_RATIO = 1.0  # below this an RSS reading is page noise, so no memory ratio
-BUSY_LOAD = 0.5  # a 1-minute load average above this at the start marks a CPU run as contended
+BUSY_FRACTION = 0.2  # other processes' share of the CPU, sampled before and after a run, that marks it contended
 
 
 def _ratio(value: float) -> str:
@@ -217,10 +217,10 @@ def machine_line(meta: dict[str, Any], settings: dict[str, Any], mode: str) -> s
         features = ", ".join(meta.get("cpu_features") or []) or "?"
         name = f"{name}, {meta['cpu_count']} cores ({features})"
     dirty = " (uncommitted changes)" if meta.get("git_dirty") else ""
-    start, end = meta.get("loadavg_at_start"), meta.get("loadavg_at_end")
     busy = ""
-    if start and end and meta["device"] == "cpu":
-        busy = f"; 1-minute load average {start[0]:.1f} at the start, {end[0]:.1f} at the end"
+    start, end = meta.get("cpu_busy_at_start"), meta.get("cpu_busy_at_end")
+    if meta["device"] == "cpu" and start is not None and end is not None:
+        busy = f"; other processes used {start:.0%} of the CPU just before the run, {end:.0%} just after"
     return (
         f"{name}; torch {meta['torch']}, {meta['threads']} threads; code `{meta['git_sha'][:10]}`{dirty}; "
         f"{meta['created']}; mode `{mode}` (min run time {settings['min_run_time']:g} s, at least "
@@ -324,12 +324,12 @@ def render(results_dir: Path, *, smoke: bool = False) -> str:
         lines += [f"Machine: {machine_line(data['meta'], data['settings'], data['mode'])}", ""]
         source = path.relative_to(ROOT) if ROOT in path.parents else path
         lines += [f"Source: `{source}`.", ""]
-        load = data["meta"].get("loadavg_at_start")
-        if device == "cpu" and load and load[0] > BUSY_LOAD:
+        shares = [data["meta"].get(k) for k in ("cpu_busy_at_start", "cpu_busy_at_end")]
+        busiest = max((v for v in shares if v is not None), default=None)
+        if device == "cpu" and busiest is not None and busiest > BUSY_FRACTION:
             lines += [
-                f"**The machine was busy** (1-minute load average {load[0]:.1f} on "
-                f"{data['meta']['cpu_count']} cores when the run started): other processes competed for",
-                "the cores, and multi-threaded kernels lose far more than their share when a thread is",
+                f"**The machine was busy**: other processes used up to {busiest:.0%} of the CPU around the",
+                "run, and multi-threaded kernels lose far more than their share when a thread is",
                 "descheduled. Treat these numbers as provisional until a run on an idle machine replaces them.",
                 "",
             ]

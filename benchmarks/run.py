@@ -96,11 +96,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     meta = harness.metadata(device)
     print(f"benchmarks: {mode} run on {meta['device_name']} ({meta['threads']} threads), torch {meta['torch']}, "
           f"code {meta['git_sha'][:10]}", flush=True)
-    load = meta["loadavg_at_start"]
-    if device.type == "cpu" and load is not None and load[0] > 0.5:
-        print(f"benchmarks: WARNING the 1-minute load average is {load[0]:.2f}: other processes use the CPU, and "
-              "multi-threaded timings suffer far more than proportionally (threads wait for each other); "
-              "re-run on an idle machine before trusting the numbers", flush=True)
+    busy = meta["cpu_busy_at_start"]
+    if busy is not None and busy > report.BUSY_FRACTION:
+        print(f"benchmarks: WARNING other processes use {busy:.0%} of the CPU: multi-threaded timings suffer far "
+              "more than proportionally (threads wait for each other); re-run on an idle machine before "
+              "trusting the numbers", flush=True)
     path = results_path(args.results_dir, device.type, mode)
     data: dict[str, Any] = {"meta": meta, "mode": mode, "settings": settings.to_dict(), "suites": {}}
     if path.exists():  # same device, day and mode: keep the suites not measured now
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     data["suites"] = {k: data["suites"][k] for k in suites.NAMES if k in data["suites"]}  # stable order
     data["seconds"] = round(time.perf_counter() - start, 1)
     data["meta"]["loadavg_at_end"] = harness.load_average()
+    data["meta"]["cpu_busy_at_end"] = harness.cpu_busy_fraction() if device.type == "cpu" else None
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
     print(f"benchmarks: wrote {path} after {data['seconds']:.0f} s", flush=True)
