@@ -248,8 +248,8 @@ def latest_results(results_dir: Path, device: str, *, smoke: bool = False) -> tu
 
 HOW_TO_RUN = """\
 ```bash
-python benchmarks/run.py --device cpu --quick           # reduced sizes, under 5 minutes on 2 cores
-python benchmarks/run.py --device cpu                   # full sizes up to B=8, C=512, H=W=129
+python benchmarks/run.py --device cpu --quick           # reduced sizes: about 3 minutes on an idle 2-core CPU
+python benchmarks/run.py --device cpu                   # full sizes up to B=8, C=512, H=W=129 (tens of minutes)
 python benchmarks/run.py --device cuda                  # on a machine with an NVIDIA GPU
 python benchmarks/run.py --device cpu --suite fpa pal   # some suites only
 python benchmarks/run.py --device cpu --report-only     # rewrite this page from benchmarks/results/
