@@ -1,0 +1,170 @@
+"""The model-agnostic CSC-PA iteration, the batch streams, the metrics and the checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from cscpa_layers import EdgePrototypeAttention, ForegroundPrototypeAttention
+from examples.checkpoint import save_atomic
+from examples.cscpa_step import CSCPAOptions, CSCPAStep, NonFiniteLossError, labels_at, poly_lr
+from examples.metrics import dice_iou, mean_std
+from examples.streams import IndexStream, SeededItems, StreamBatches
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Out(NamedTuple):
+    logits: Tensor
+    low_res_logits: Tensor
+    features: Tensor
+
+
+class Net(nn.Module):
+    """A stand-in segmentation network: features at half resolution carry FPA and EPA."""
+
+    def __init__(self, poison: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.fpa = ForegroundPrototypeAttention(8)
+        self.epa = EdgePrototypeAttention(8, slots=16)
+        self.head = nn.Conv2d(8, 2, 1)
+        self.poison = poison
+
+    def forward(self, x: Tensor, *, edge_bank: Tensor | None = None) -> Out:
+        f = torch.relu(self.stem(x))
+        f = self.fpa(f) + self.epa(f, edge_bank) - f
+        low = self.head(f)
+        if self.poison:
+            low = low * float("nan")
+        return Out(nn.functional.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False), low, f)
+
+
+def _batch(n: int = 2, size: int = 16) -> tuple[Tensor, Tensor, Tensor]:
+    x_l, x_u = torch.randn(n, 3, size, size), torch.randn(n, 3, size, size)
+    y_l = torch.zeros(n, size, size, dtype=torch.long)
+    y_l[:, 4:12, 4:12] = 1
+    return x_l, y_l, x_u
+
+
+def test_train_step_trains_the_container_mixer_and_stores_a_new_bank() -> None:
+    net = Net()
+    step = CSCPAStep(net, torch.optim.SGD(net.parameters(), lr=0.1), container=net.epa.container,
+                     options=CSCPAOptions(patch_size=4, edge_samples=16))
+    x_l, y_l, x_u = _batch()
+    _, edges = step.pretrain_step(x_l, y_l, x_u)
+    assert edges.shape[1] == 8 and edges.shape[0] > 0
+    net.epa.container.initialize(edges)
+    bank_before = net.epa.container.bank.clone()
+    mixer_before = net.epa.container.mixer.weight.detach().clone()
+    stats = step.train_step(x_l, y_l, x_u, epoch=0, epochs=4, generator=torch.Generator().manual_seed(0))
+    assert stats.edge_candidates > 0
+    assert 0.0 < stats.masked < 1.0
+    assert not torch.equal(net.epa.container.bank, bank_before)
+    # The stage-2 loss reached the mixer through the in-graph bank, and SGD moved it.
+    assert not torch.equal(net.epa.container.mixer.weight, mixer_before)
+
+
+def test_supervised_step_is_cross_entropy_only() -> None:
+    net = Net()
+    step = CSCPAStep(net, torch.optim.SGD(net.parameters(), lr=0.1), container=None)
+    x_l, y_l, _ = _batch()
+    stats = step.supervised_step(x_l, y_l)
+    assert stats.loss == stats.ce_labeled > 0 and stats.pal_labeled == 0.0
+
+
+def test_non_finite_loss_raises_before_any_step() -> None:
+    net = Net(poison=True)
+    step = CSCPAStep(net, torch.optim.SGD(net.parameters(), lr=0.1), container=net.epa.container)
+    before = [p.detach().clone() for p in net.parameters()]
+    x_l, y_l, x_u = _batch()
+    with pytest.raises(NonFiniteLossError, match="pre-training loss is nan"):
+        step.pretrain_step(x_l, y_l, x_u)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_labels_at_keeps_ignored_pixels_and_classes() -> None:
+    labels = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [255, 255, 1, 1], [255, 255, 1, 1]]])
+    assert labels_at(labels, (2, 2)).tolist() == [[[0, 1], [255, 1]]]
+
+
+def test_poly_lr() -> None:
+    assert poly_lr(0.01, 0, 100) == pytest.approx(0.01)
+    assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5**0.9)
+    assert poly_lr(0.01, 100, 100) == 0.0
+
+
+def test_streams_are_deterministic_and_split_between_ranks() -> None:
+    stream = IndexStream(10, seed=3, tag="u")
+    again = IndexStream(10, seed=3, tag="u")
+    assert [stream.batch(t, 4) for t in range(6)] == [again.batch(t, 4) for t in range(6)]
+    # One pass covers every index exactly once before repeating.
+    first_pass = [i for t in range(5) for i, _ in stream.batch(t, 2)]
+    assert sorted(first_pass) == list(range(10))
+    # Two ranks draw disjoint halves of the same global batch.
+    rank0 = stream.batch(2, 2, rank=0, world=2)
+    rank1 = stream.batch(2, 2, rank=1, world=2)
+    assert rank0 + rank1 == stream.batch(2, 4)  # the global batch of 4, split in two
+    assert {i for i, _ in rank0}.isdisjoint({i for i, _ in rank1})
+    # Resuming at step 3 sees what an uninterrupted sampler sees from step 3 on.
+    assert list(StreamBatches(stream, 3, 6, 4)) == list(StreamBatches(stream, 0, 6, 4))[3:]
+    with pytest.raises(ValueError, match="empty set"):
+        IndexStream(0, seed=0, tag="labeled")
+
+
+def test_seeded_items_make_augmentation_a_function_of_the_seed() -> None:
+    class Noisy(torch.utils.data.Dataset[Tensor]):
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, index: int) -> Tensor:
+            return torch.rand(2) + index
+
+    items = SeededItems(Noisy())
+    assert torch.equal(items[(1, 42)], items[(1, 42)])
+    assert not torch.equal(items[(1, 42)], items[(1, 43)])
+
+
+def test_dice_iou_per_image() -> None:
+    pred = torch.tensor([[1, 1], [0, 0]])
+    true = torch.tensor([[1, 0], [0, 0]])
+    assert dice_iou(pred, true) == pytest.approx((2 / 3, 1 / 2))
+    assert dice_iou(torch.zeros(2, 2), torch.zeros(2, 2)) == (1.0, 1.0)  # empty on empty scores 1
+    assert dice_iou(torch.ones(2, 2), torch.zeros(2, 2)) == (0.0, 0.0)
+    ignored = torch.tensor([[1, 255], [0, 0]])
+    assert dice_iou(torch.tensor([[1, 1], [0, 0]]), ignored) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="same shape"):
+        dice_iou(torch.zeros(2, 2), torch.zeros(3, 2))
+    assert mean_std([0.5, 1.0]) == pytest.approx((0.75, 0.25))
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path: Path) -> None:
+    target = tmp_path / "ckpt.pt"
+    save_atomic({"a": torch.ones(2)}, target)
+
+    class Boom:
+        def __reduce__(self) -> tuple[object, ...]:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_atomic({"a": Boom()}, target)
+    assert torch.equal(torch.load(target)["a"], torch.ones(2))  # the old file survived
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # and no temporary is left
+
+
+def test_custom_network_example_runs() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "examples/custom_network.py", "--iters", "3", "--pretrain-iters", "2", "--size", "64"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pre-train   2" in result.stdout and "cscpa   3" in result.stdout
+    assert "val Dice" in result.stdout

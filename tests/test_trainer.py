@@ -1,0 +1,190 @@
+"""The trainer end to end on the phantom: methods, ablations, resume, DDP, errors, predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from examples import train_busi
+from examples.cscpa_step import CSCPAStep, NonFiniteLossError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--backbone", "resnet18", "--output-stride", "16", "--no-pretrained", "--crop", "64",
+    "--epochs", "2", "--pretrain-epochs", "1", "--iters-per-epoch", "2", "--workers", "0",
+    "--phantom-images", "30", "--batch", "2", "--overlays", "1",
+]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def both_methods(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("both")
+    assert train_busi.main([*TINY, "--method", "both", "--out", str(out)]) == 0
+    return out
+
+
+def test_both_methods_train_and_write_results(both_methods: Path) -> None:
+    summary = json.loads((both_methods / "summary.json").read_text())
+    assert [r["method"] for r in summary["results"]] == ["suponly", "cscpa"]
+    for method in ("suponly", "cscpa"):
+        fold = both_methods / method / "fold0"
+        results = json.loads((fold / "results.json").read_text())
+        assert results["config"]["method"] == method
+        assert results["config"]["backbone"] == "resnet18"
+        assert len(results["git_sha"]) in (40, 7) or results["git_sha"] == "unknown"
+        assert 0.0 <= results["test"]["dice"] <= 1.0
+        assert len(results["history"]) == 2  # validated after each epoch
+        rows = (fold / "test_scores.csv").read_text().strip().splitlines()
+        assert rows[0] == "id,dice,iou" and len(rows) - 1 == results["test"]["images"] > 0
+        assert len(list((fold / "overlays").glob("*.png"))) == 1
+        assert (fold / "best.pt").is_file() and (fold / "last.pt").is_file()
+    table = (both_methods / "summary.md").read_text()
+    assert "SupOnly" in table and "CSC-PA" in table
+
+
+def test_cscpa_checkpoint_holds_an_initialised_edge_bank(both_methods: Path) -> None:
+    state = torch.load(both_methods / "cscpa" / "fold0" / "last.pt", weights_only=False)
+    assert bool(state["model"]["epa.container.initialized"])
+    assert state["model"]["epa.container.bank"].abs().sum() > 0
+    suponly = torch.load(both_methods / "suponly" / "fold0" / "last.pt", weights_only=False)
+    assert not any(key.startswith(("fpa.", "epa.")) for key in suponly["model"])
+
+
+@pytest.mark.parametrize("flag", ["--no-fpa", "--no-epa", "--no-pal", "--no-masking"])
+def test_ablation_flags(tmp_path: Path, flag: str) -> None:
+    args = [*TINY, "--epochs", "2", "--iters-per-epoch", "1", "--overlays", "0", "--method", "cscpa", "--out", str(tmp_path), flag]
+    assert train_busi.main(args) == 0
+    results = json.loads((tmp_path / "cscpa" / "fold0" / "results.json").read_text())
+    key = flag.removeprefix("--no-")
+    assert results["config"][key] is False
+    state = torch.load(tmp_path / "cscpa" / "fold0" / "last.pt", weights_only=False)["model"]
+    assert any(k.startswith("fpa.") for k in state) == (flag != "--no-fpa")
+    assert any(k.startswith("epa.") for k in state) == (flag != "--no-epa")
+    last = results["history"][-1]
+    if flag == "--no-pal":
+        assert last["train_pal_labeled"] == 0.0 and last["train_pal_unlabeled"] == 0.0
+    if flag == "--no-masking":
+        assert last["train_masked"] == 0.0
+    else:
+        assert last["train_masked"] > 0.0
+
+
+def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "holiday").mkdir()
+    (tmp_path / "holiday" / "beach.png").write_bytes(b"not a dataset")
+    with pytest.raises(SystemExit, match=r"--data '.*holiday'"):
+        train_busi.main([*TINY, "--data", str(tmp_path / "holiday"), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"--data '.*missing'"):
+        train_busi.main([*TINY, "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = CSCPAStep.train_step
+    calls = {"n": 0}
+
+    def failing(self: CSCPAStep, *args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise NonFiniteLossError("the stage-2 loss is nan; no step was taken")
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(CSCPAStep, "train_step", failing)
+    args = [*TINY, "--epochs", "2", "--iters-per-epoch", "3", "--method", "cscpa", "--save-every", "1", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match=r"stopped: the stage-2 loss is nan.*last good checkpoint is kept"):
+        train_busi.main(args)
+    state = torch.load(tmp_path / "cscpa" / "fold0" / "last.pt", weights_only=False)
+    assert state["iteration"] == 4  # 3 pre-training iterations + the one good CSC-PA iteration
+
+
+@pytest.mark.slow
+def test_resume_after_sigterm_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    args = [*TINY, "--method", "cscpa", "--epochs", "3", "--iters-per-epoch", "3", "--save-every", "1", "--overlays", "0"]
+    whole = _run("examples/train_busi.py", *args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "cut"
+    process = subprocess.Popen(
+        [sys.executable, "examples/train_busi.py", *args, "--out", str(out)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    checkpoint = out / "cscpa" / "fold0" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    log, _ = process.communicate(timeout=300)
+    assert "stopped by signal" in log, log[-2000:]
+    stopped_at = torch.load(checkpoint, weights_only=False)["iteration"]
+    assert 0 < stopped_at < 9
+
+    resumed = _run("examples/train_busi.py", *args, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {checkpoint} at iteration {stopped_at}" in resumed.stdout
+    a = torch.load(tmp_path / "whole" / "cscpa" / "fold0" / "last.pt", weights_only=False)
+    b = torch.load(checkpoint, weights_only=False)
+    assert a["iteration"] == b["iteration"] == 9
+    # Every draw is a function of (seed, step) and CPU kernels are deterministic here, so the
+    # states agree to float rounding (docs/training.md says what can differ on GPUs).
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, atol=1e-6, rtol=1e-5, msg=key)
+    assert [h["val_dice"] for h in a["history"]] == pytest.approx([h["val_dice"] for h in b["history"]], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_ranks(tmp_path: Path) -> None:
+    result = _run(
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "examples/train_busi.py",
+        *TINY, "--method", "cscpa", "--overlays", "0", "--out", str(tmp_path),
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    results = json.loads((tmp_path / "cscpa" / "fold0" / "results.json").read_text())
+    assert results["world_size"] == 2
+    state = torch.load(tmp_path / "cscpa" / "fold0" / "last.pt", weights_only=False)
+    assert bool(state["model"]["epa.container.initialized"])
+
+
+def test_predict_writes_masks_and_overlays(both_methods: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from examples.phantom import PhantomDataset
+
+    raw = PhantomDataset(2, size=120).load(1)
+    Image.fromarray(raw.image.permute(1, 2, 0).numpy()).save(tmp_path / "scan.png")
+    result = _run("examples/predict.py", str(both_methods / "cscpa" / "fold0" / "best.pt"), str(tmp_path / "scan.png"),
+                  "--out", str(tmp_path / "pred"), "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    mask = Image.open(tmp_path / "pred" / "scan_pred.png")
+    assert mask.size == (120, 120)
+    assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+    assert Image.open(tmp_path / "pred" / "scan_overlay.png").size == (120, 120)
+
+
+def test_predict_rejects_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    result = _run("examples/predict.py", str(tmp_path / "other.pt"), str(tmp_path), "--device", "cpu")
+    assert result.returncode != 0
+    assert "is not a checkpoint of examples/train_busi.py" in result.stderr
+
+
+def test_help_documents_every_flag() -> None:
+    result = _run("examples/train_busi.py", "--help")
+    assert result.returncode == 0
+    for flag in ("--method", "--no-fpa", "--no-epa", "--no-pal", "--no-masking", "--data", "--split", "--fold", "--labeled",
+                 "--backbone", "--crop", "--epochs", "--pretrain-epochs", "--batch", "--lr", "--seed", "--device", "--amp",
+                 "--out", "--resume", "--workers", "--sync-bn"):
+        assert flag in result.stdout, flag
