@@ -85,7 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no-pretrained", action="store_true", help="start the backbone from random weights (no download)")
     g.add_argument("--weights", default=None, help="backbone ImageNet weights from this file instead of a download")
     g.add_argument("--crop", type=int, default=d.crop, help="training crop side (default %(default)s, the paper's)")
-    g.add_argument("--eval-size", type=int, default=None, help="side images are resized to for evaluation (default: --crop)")
+    g.add_argument("--resize", type=int, default=None,
+                   help="resize every image to this square side first, for training (before the random scale in [0.5, 2]) "
+                        "and evaluation; CPU-sized runs use it (default: images keep their size, as in the paper)")
+    g.add_argument("--eval-size", type=int, default=None, help="side images are resized to for evaluation (default: --resize, else --crop)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="total epochs, pre-training included (default %(default)s)")
     g.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs, help="supervised epochs first (default %(default)s)")
     g.add_argument("--iters-per-epoch", type=int, default=None,
@@ -111,7 +114,8 @@ def config_for(args: argparse.Namespace, method: str, fold: int) -> TrainConfig:
         method=method, fpa=not args.no_fpa, epa=not args.no_epa, pal=not args.no_pal, masking=not args.no_masking,
         data=args.data, phantom_images=args.phantom_images, include_normal=args.include_normal, split=args.split,
         fold=fold, labeled=args.labeled, backbone=args.backbone, output_stride=args.output_stride,
-        pretrained=not args.no_pretrained, weights=args.weights, crop=args.crop, eval_size=args.eval_size,
+        pretrained=not args.no_pretrained, weights=args.weights, crop=args.crop, resize=args.resize,
+        eval_size=args.eval_size or args.resize,
         epochs=args.epochs, pretrain_epochs=args.pretrain_epochs if method == "cscpa" else 0,
         iters_per_epoch=args.iters_per_epoch, batch=args.batch, lr=args.lr, threshold=args.threshold,
         reliability=args.reliability, patch_size=args.patch_size, mask_ratio=args.mask_ratio, fpa_eval=args.fpa_eval,
@@ -153,7 +157,8 @@ def fold_data(dataset: Any, path: Path, fold: int, args: argparse.Namespace) -> 
     if not split.val:
         # The checkpoint is chosen on val, never on test: without val there is nothing to choose on.
         raise SystemExit(f"fold {fold} of {path} has no val part; remake it with examples/make_splits.py --val-fraction 0.1")
-    train, evaluation = TrainTransform(args.crop), EvalTransform(args.eval_size or args.crop)
+    train = TrainTransform(args.crop, base_size=args.resize)
+    evaluation = EvalTransform(args.eval_size or args.resize or args.crop)
     try:
         return FoldData(
             dataset.subset(split.labeled).with_transform(train),

@@ -55,6 +55,7 @@ class TrainConfig:
     pretrained: bool = True
     weights: str | None = None
     crop: int = 513
+    resize: int | None = None
     eval_size: int | None = None
     epochs: int = 200
     pretrain_epochs: int = 10
@@ -248,7 +249,7 @@ class FoldTrainer:
     def load(self, path: Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=False)
         saved = state["config"]
-        for key in ("method", "fpa", "epa", "backbone", "output_stride", "crop", "epochs", "pretrain_epochs", "batch", "fold", "labeled", "seed"):
+        for key in ("method", "fpa", "epa", "backbone", "output_stride", "crop", "resize", "epochs", "pretrain_epochs", "batch", "fold", "labeled", "seed"):
             if saved.get(key) != getattr(self.config, key):
                 raise SystemExit(
                     f"cannot resume from {path}: it was made with {key}={saved.get(key)!r}, this run has "

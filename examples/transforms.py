@@ -114,7 +114,9 @@ class RandomScale(v2.Transform):
 class TrainTransform:
     """Weak augmentation of method.md section 6: scale, flip, crop; returns a :class:`Sample`.
 
-    Steps: normalise; scale by a factor in ``scale_range``; flip horizontally with
+    Steps: normalise; optionally resize to ``base_size`` x ``base_size`` (the same square size
+    :class:`EvalTransform` gives, so training and evaluation see one scale); scale by a factor
+    in ``scale_range``; flip horizontally with
     probability ``flip``; take a random ``crop`` x ``crop`` window, padding the image with 0
     (normalised mean) and the mask with 255 (ignored) where the scaled image is smaller.
     Randomness comes from torch's global generator (seeded per DataLoader worker).
@@ -123,6 +125,8 @@ class TrainTransform:
         crop: side of the square crop (the paper uses 513), or a pair (H, W).
         scale_range: (low, high) range of the random scale factor.
         flip: probability of a horizontal flip.
+        base_size: if given, images are first resized to this square side (CPU-sized runs
+            use it to shrink large images before the paper's scale range applies).
 
     Example:
         >>> raw = RawSample(tv_tensors.Image(torch.zeros(3, 40, 50, dtype=torch.uint8)),
@@ -133,14 +137,17 @@ class TrainTransform:
     """
 
     def __init__(self, crop: int | Sequence[int] = 513, *, scale_range: tuple[float, float] = (0.5, 2.0),
-                 flip: float = 0.5) -> None:
+                 flip: float = 0.5, base_size: int | None = None) -> None:
         self.crop = _check_size(crop, "crop")
+        self.base_size = None if base_size is None else _check_size(base_size, "base_size")
         if not 0.0 <= flip <= 1.0:
             raise ValueError(f"flip must be a probability in [0, 1], got {flip}")
         self.scale_range = scale_range
         self.flip = flip
+        base = [] if self.base_size is None else [v2.Resize(list(self.base_size), antialias=True)]
         self.pipeline = v2.Compose([
             *_to_normalised(),
+            *base,
             RandomScale(scale_range),
             v2.RandomHorizontalFlip(flip),
             v2.RandomCrop(self.crop, pad_if_needed=True,
@@ -152,7 +159,8 @@ class TrainTransform:
         return Sample(image.as_subclass(Tensor), mask.as_subclass(Tensor).long(), raw.id)
 
     def __repr__(self) -> str:
-        return f"TrainTransform(crop={self.crop}, scale_range={self.scale_range}, flip={self.flip})"
+        return (f"TrainTransform(crop={self.crop}, scale_range={self.scale_range}, flip={self.flip}, "
+                f"base_size={self.base_size})")
 
 
 class EvalTransform:

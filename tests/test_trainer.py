@@ -83,6 +83,14 @@ def test_ablation_flags(tmp_path: Path, flag: str) -> None:
         assert last["train_masked"] > 0.0
 
 
+def test_bfloat16_autocast_on_cpu(tmp_path: Path) -> None:
+    args = [*TINY, "--iters-per-epoch", "1", "--overlays", "0", "--method", "cscpa", "--amp", "bf16", "--out", str(tmp_path)]
+    assert train_busi.main(args) == 0
+    results = json.loads((tmp_path / "cscpa" / "fold0" / "results.json").read_text())
+    assert results["config"]["amp"] == "bf16"
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in results["history"])
+
+
 def test_bad_data_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "holiday").mkdir()
     (tmp_path / "holiday" / "beach.png").write_bytes(b"not a dataset")
