@@ -11,24 +11,20 @@ It prints the loss and the foreground IoU on held-out images before and after tr
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `examples` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import time
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from cscpa_layers import ForegroundPrototypeAttention
-
-
-def make_batch(size: int, side: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Images (size, 1, side, side) with one bright disc each, and its mask (size, side, side)."""
-    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    centre = torch.rand(size, 2, generator=generator) * (side - 12) + 6
-    radius = torch.rand(size, generator=generator) * side / 6 + 3
-    dist = (yy - centre[:, 0, None, None]) ** 2 + (xx - centre[:, 1, None, None]) ** 2
-    mask = (dist <= radius[:, None, None] ** 2).long()
-    image = mask.float() * 0.8 + 0.5 * torch.randn(size, side, side, generator=generator)
-    return image.unsqueeze(1), mask
+from examples.toy_discs import iou, make_batch
 
 
 def build_net(channels: int = 32) -> nn.Sequential:
@@ -41,16 +37,6 @@ def build_net(channels: int = 32) -> nn.Sequential:
         ForegroundPrototypeAttention(channels),  # pairs batch halves in training
         nn.Conv2d(channels, 2, 1),
     )
-
-
-@torch.no_grad()
-def iou(net: nn.Module, images: Tensor, masks: Tensor) -> float:
-    net.eval()
-    pred = net(images).argmax(1)
-    net.train()
-    inter = ((pred == 1) & (masks == 1)).sum().item()
-    union = ((pred == 1) | (masks == 1)).sum().item()
-    return inter / max(union, 1)
 
 
 def main() -> None:
