@@ -2,7 +2,7 @@
 """Set up a local virtual environment, then run the main job or the tests.
 
     python3 run.py main [ARGS...]   # the main job (see README); ARGS go to it
-    python3 run.py test [ARGS...]   # type check + the whole test suite; ARGS go to pytest
+    python3 run.py test [ARGS...]   # type check (library and examples) + the whole test suite; ARGS go to pytest
 
 The environment lives in ``.venv`` next to this file (``CSCPA_VENV`` overrides the path). It is
 created on first use and reinstalled only when pyproject.toml or setup.cfg change. Needs
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if command == "main":
         return subprocess.call([str(python), *MAIN_JOB, *rest], cwd=ROOT, env=env)
-    status = subprocess.call([str(python), "-m", "mypy", "cscpa_layers"], cwd=ROOT, env=env)
+    status = subprocess.call([str(python), "-m", "mypy", "cscpa_layers", "examples"], cwd=ROOT, env=env)
     if status != 0:
         return status
     return subprocess.call([str(python), "-m", "pytest", *rest], cwd=ROOT, env=env)

@@ -76,8 +76,8 @@ class StepStats(NamedTuple):
     edge_candidates: int
 
 
-def labels_at(labels: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resize of (B, H, W) labels to ``size``; ignore pixels stay ignored."""
+def labels_at(labels: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Nearest-neighbour resize of (B, H, W) labels to ``size`` (h, w); ignore pixels stay ignored."""
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
     return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()

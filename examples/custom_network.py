@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from cscpa_layers import EdgePrototypeAttention, ForegroundPrototypeAttention
 from examples.cscpa_step import CSCPAOptions, CSCPAStep
+from examples.dataset_base import SegmentationDataset
 from examples.evaluate import evaluate
 from examples.phantom import PhantomDataset
 from examples.samples import collate_samples
@@ -96,7 +97,7 @@ def main() -> None:
     step = CSCPAStep(model, optimizer, container=model.epa.container, options=CSCPAOptions(patch_size=args.size // 8, edge_samples=64))
     generator = torch.Generator().manual_seed(args.seed)
 
-    def batch(dataset: PhantomDataset) -> tuple[Tensor, Tensor]:
+    def batch(dataset: SegmentationDataset) -> tuple[Tensor, Tensor]:
         picks = torch.randint(len(dataset), (args.batch,), generator=generator).tolist()
         items = collate_samples([dataset[i] for i in picks])
         return items.image, items.mask
