@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                  "or 'phantom' for the built-in synthetic phantom (default %(default)s)")
     g.add_argument("--split", default=None, help="split file from examples/make_splits.py (default: made once in --out/splits.json)")
     g.add_argument("--fold", default="0", help="fold index, or 'all' for every fold (default %(default)s)")
+    g.add_argument("--folds", choices=["all"], default=None,
+                   help="'all': run every fold of the split and print the paper's table, mean ± std over folds (same as --fold all)")
     g.add_argument("--labeled", choices=["1/2", "1/4", "1/8"], default=d.labeled, help="labeled fraction (default %(default)s)")
     g.add_argument("--include-normal", action="store_true", help="BUSI: also use normal/ (the paper uses abnormal images only)")
     g.add_argument("--phantom-images", type=int, default=d.phantom_images, help="phantom: number of images (default %(default)s)")
@@ -222,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     path = split_file(args, dataset, rank_zero)
     with open(path, encoding="utf-8") as handle:
         fold_count = len(json.load(handle)["folds"])
+    if args.folds == "all":
+        args.fold = "all"
+    if args.fold != "all" and not args.fold.isdigit():
+        raise SystemExit(f"--fold must be 'all' or a fold index, got {args.fold!r}")
     folds = list(range(fold_count)) if args.fold == "all" else [int(args.fold)]
     if any(not 0 <= f < fold_count for f in folds):
         raise SystemExit(f"--fold must be 'all' or in [0, {fold_count - 1}] for {path}, got {args.fold}")
