@@ -71,7 +71,7 @@ def evaluate(
             dice, iou = dice_iou(prediction, full_mask)
             scores.append(ImageScore(sample.id, dice, iou))
             if overlay_dir is not None and index < overlays:
-                write_overlay(sample.image, prediction, full_mask, overlay_dir / f"{_safe(sample.id)}.png")
+                write_overlay(sample.image, prediction, full_mask, overlay_dir / overlay_name(sample.id))
     finally:
         model.train(was_training)
     dice_mean, dice_std = mean_std([s.dice for s in scores])
@@ -79,8 +79,12 @@ def evaluate(
     return Evaluation(scores, dice_mean, dice_std, iou_mean, iou_std)
 
 
-def _safe(item_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in item_id)
+def overlay_name(item_id: str) -> str:
+    """File name of an image's overlay: its id with the image suffix dropped and every
+    character other than letters, digits, ``-``, ``_`` and ``.`` replaced by ``_``
+    (``"benign/benign (11).png"`` -> ``"benign_benign__11_.png"``)."""
+    stem = item_id.rsplit(".", 1)[0] if "." in item_id.rsplit("/", 1)[-1] else item_id
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) + ".png"
 
 
 def overlay_picture(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
