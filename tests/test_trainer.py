@@ -16,6 +16,7 @@ import torch
 
 from examples import train_busi
 from examples.cscpa_step import CSCPAStep, NonFiniteLossError
+from examples.evaluate import overlay_name
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -50,7 +51,8 @@ def test_both_methods_train_and_write_results(both_methods: Path) -> None:
         assert len(results["history"]) == 2  # validated after each epoch
         rows = (fold / "test_scores.csv").read_text().strip().splitlines()
         assert rows[0] == "id,dice,iou" and len(rows) - 1 == results["test"]["images"] > 0
-        assert len(list((fold / "overlays").glob("*.png"))) == 1
+        (overlay,) = (fold / "overlays").glob("*.png")
+        assert not overlay.name.endswith(".png.png")
         assert (fold / "best.pt").is_file() and (fold / "last.pt").is_file()
     table = (both_methods / "summary.md").read_text()
     assert "SupOnly" in table and "CSC-PA" in table
@@ -189,6 +191,14 @@ def test_predict_rejects_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> None
     assert "is not a checkpoint of examples/train_busi.py" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("item_id", "name"),
+    [("benign/benign (11).png", "benign_benign__11_.png"), ("case.7/scan", "case.7_scan.png"), ("a/b.c.jpg", "a_b.c.png")],
+)
+def test_overlay_names_drop_the_image_suffix(item_id: str, name: str) -> None:
+    assert overlay_name(item_id) == name
+
+
 def test_help_documents_every_flag() -> None:
     result = _run("examples/train_busi.py", "--help")
     assert result.returncode == 0
@@ -196,3 +206,25 @@ def test_help_documents_every_flag() -> None:
                  "--backbone", "--crop", "--epochs", "--pretrain-epochs", "--batch", "--lr", "--seed", "--device", "--amp",
                  "--out", "--resume", "--workers", "--sync-bn"):
         assert flag in result.stdout, flag
+
+
+def test_diagnose_reports_on_a_cscpa_checkpoint(both_methods: Path, tmp_path: Path) -> None:
+    from examples import diagnose
+
+    report = tmp_path / "diag.json"
+    assert diagnose.main([str(both_methods / "cscpa" / "fold0" / "last.pt"), "--batches", "2", "--json", str(report)]) == 0
+    figures = json.loads(report.read_text())
+    for name in ("as trained", "EPA off", "FPA eval_pairing=identity", "BN re-estimated", "EPA off, BN re-estimated"):
+        assert 0.0 <= figures[name]["dice"] <= 1.0, name
+    assert figures["epa_norm_ratio"] > 0.0
+    quality = figures["pseudo_labels"]
+    assert 0.0 <= quality["valid_share"] <= 1.0 and 0.0 <= quality["lesion_share"] <= 1.0
+
+
+def test_diagnose_rejects_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
+    from examples import diagnose
+
+    bogus = tmp_path / "x.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a checkpoint"):
+        diagnose.main([str(bogus)])

@@ -1,0 +1,233 @@
+"""Look inside a CSC-PA checkpoint: what EPA, FPA and the pseudo-labels do to this model.
+
+    python examples/diagnose.py runs/busi/cscpa/fold0/last.pt
+    python examples/diagnose.py runs/busi/cscpa/fold0/last.pt --batches 20 --json diag.json
+
+It rebuilds the model and the fold's data from the configuration stored in the checkpoint
+(``last.pt`` or ``best.pt`` of ``examples/train_busi.py``) and reports:
+
+1. **Validation Dice and IoU** as trained, with EPA switched off (the stored bank ignored),
+   with FPA's eval pairing swapped (``self`` / ``identity``), and with EPA on after the batch
+   norm running statistics are re-estimated on ``--batches`` training batches. A gap between
+   "as trained" and "BN re-estimated" means the running statistics lag the features (for
+   example just after the edge container is initialised and EPA starts adding F_e).
+2. **EPA's size**: the norm of F_e against the norm of F on the validation images.
+3. **Pseudo-label quality** on ``--batches`` batches of the fold's unlabeled images, whose
+   masks the dataset has even though training does not use them: the share of pixels above
+   the confidence threshold, how many of them are labelled lesion, their lesion precision and
+   recall, and how much of the true lesion the threshold keeps. The forward is stage 1's:
+   training mode, [labeled, unlabeled] in one batch, no gradient, on a copy of the model.
+
+Nothing is written to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = _ROOT
+elif _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from cscpa_layers import pseudo_labels  # noqa: E402
+from examples.evaluate import evaluate  # noqa: E402
+from examples.samples import IGNORE_INDEX  # noqa: E402
+from examples.streams import IndexStream, StreamBatches  # noqa: E402
+from examples.train_busi import build_model, fold_data, open_dataset  # noqa: E402
+from examples.trainer import TrainConfig, _loader  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="last.pt or best.pt written by examples/train_busi.py")
+    parser.add_argument("--data", help="dataset to use instead of the one stored in the checkpoint")
+    parser.add_argument("--split", help="split file to use instead of the one stored in the checkpoint")
+    parser.add_argument("--batches", type=int, default=20,
+                        help="training batches for the BN re-estimate and the pseudo-label statistics (default 20)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.batches < 1:
+        parser.error(f"--batches must be at least 1, got {args.batches}")
+    return args
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file: say which, not a pickle traceback
+        raise SystemExit(f"{path} is not a checkpoint of examples/train_busi.py ({error})") from error
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise SystemExit(f"{path} is not a checkpoint of examples/train_busi.py (no config or model in it)")
+    return state
+
+
+@contextlib.contextmanager
+def epa_off(model: nn.Module) -> Iterator[None]:
+    """EPA's stored bank ignored: ``forward(x)`` returns x while ``initialized`` is False."""
+    epa = getattr(model, "epa", None)
+    if epa is None:
+        yield
+        return
+    saved = epa.container.initialized.clone()
+    epa.container.initialized.fill_(False)
+    try:
+        yield
+    finally:
+        epa.container.initialized.copy_(saved)
+
+
+def training_batches(config: TrainConfig, data: Any, count: int) -> Iterator[tuple[Any, Any]]:
+    """``count`` stage-1 batches of (labeled, unlabeled), from streams of their own."""
+    labeled = IndexStream(len(data.labeled), seed=config.seed + 1, tag="diagnose-labeled")
+    unlabeled = IndexStream(len(data.unlabeled), seed=config.seed + 1, tag="diagnose-unlabeled")
+    yield from zip(
+        _loader(data.labeled, StreamBatches(labeled, 0, count, config.batch), 0),
+        _loader(data.unlabeled, StreamBatches(unlabeled, 0, count, config.batch), 0),
+    )
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, batches: list[tuple[Any, Any]]) -> nn.Module:
+    """A copy of the model whose batch-norm running statistics are the plain average over the
+    given stage-1 batches (momentum None), everything else unchanged."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+    model.train()
+    for labeled, unlabeled in batches:
+        model(torch.cat([labeled.image, unlabeled.image]))
+    return model.eval()
+
+
+@torch.no_grad()
+def epa_size(model: Any, data: Any) -> float | None:
+    """Mean over validation images of |F_e| / |F|, per pixel norms averaged over pixels."""
+    epa = getattr(model, "epa", None)
+    if epa is None or not bool(epa.container.initialized):
+        return None
+    model.eval()
+    ratios = []
+    for index in range(len(data.val)):
+        x = data.val[index].image[None]
+        feats = model.decoder_features(x)
+        f_e = epa(feats) - feats
+        ratios.append((f_e.norm(dim=1).mean() / feats.norm(dim=1).mean()).item())
+    return sum(ratios) / len(ratios)
+
+
+@torch.no_grad()
+def pseudo_label_quality(model: nn.Module, batches: list[tuple[Any, Any]], threshold: float) -> dict[str, float]:
+    """Stage 1's pseudo-labels on unlabeled images scored against their true masks."""
+    model = copy.deepcopy(model).train()
+    counts = dict.fromkeys(("pixels", "lesion", "valid", "valid_lesion", "valid_lesion_true", "kept_lesion"), 0)
+    for labeled, unlabeled in batches:
+        n = labeled.image.shape[0]
+        out = model(torch.cat([labeled.image, unlabeled.image]))
+        labels = pseudo_labels(out.logits[n:].float(), threshold=threshold)
+        truth = unlabeled.mask
+        known = truth != IGNORE_INDEX
+        lesion = (truth == 1) & known
+        valid = labels.valid & known
+        predicted = (labels.labels == 1) & valid
+        counts["pixels"] += int(known.sum())
+        counts["lesion"] += int(lesion.sum())
+        counts["valid"] += int(valid.sum())
+        counts["valid_lesion"] += int(predicted.sum())
+        counts["valid_lesion_true"] += int((predicted & lesion).sum())
+        counts["kept_lesion"] += int((valid & lesion).sum())
+
+    def ratio(a: str, b: str) -> float:
+        return counts[a] / counts[b] if counts[b] else float("nan")
+
+    return {
+        "lesion_share": ratio("lesion", "pixels"),
+        "valid_share": ratio("valid", "pixels"),
+        "lesion_share_of_valid": ratio("valid_lesion", "valid"),
+        "lesion_precision": ratio("valid_lesion_true", "valid_lesion"),
+        "lesion_recall": ratio("valid_lesion_true", "lesion"),
+        "lesion_kept_by_threshold": ratio("kept_lesion", "lesion"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    state = load_checkpoint(args.checkpoint)
+    saved = dict(state["config"])
+    saved.update({k: v for k, v in (("data", args.data), ("split", args.split)) if v is not None})
+    config = TrainConfig(**saved)
+    # Without --split the trainer wrote (and reused) a split file in its --out folder.
+    split = Path(config.split) if config.split else Path(config.out) / "splits.json"
+    if not split.is_file():
+        raise SystemExit(f"the checkpoint's split file {split} is missing; pass the split with --split")
+    namespace = argparse.Namespace(
+        data=config.data, include_normal=config.include_normal, phantom_images=config.phantom_images,
+        labeled=config.labeled, crop=config.crop, resize=config.resize, eval_size=config.eval_size,
+    )
+    data = fold_data(open_dataset(namespace), split, config.fold, namespace)
+    torch.manual_seed(config.seed)
+    model = build_model(config)
+    model.load_state_dict(state["model"])
+    model.eval()
+    report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "iteration": state.get("iteration")}
+
+    def score(name: str, m: nn.Module) -> None:
+        result = evaluate(m, data.val, torch.device("cpu"))
+        report[name] = {"dice": result.dice, "iou": result.iou}
+        print(f"val {name:<28} Dice {result.dice:.4f}  IoU {result.iou:.4f}", flush=True)
+
+    print(f"{args.checkpoint}: iteration {state.get('iteration')}, {len(data.val)} val images", flush=True)
+    score("as trained", model)
+    epa = getattr(model, "epa", None)
+    if epa is not None and bool(epa.container.initialized):
+        with epa_off(model):
+            score("EPA off", model)
+    fpa: Any = getattr(model, "fpa", None)
+    if fpa is not None:
+        kept = fpa.eval_pairing
+        other = "identity" if kept == "self" else "self"
+        fpa.eval_pairing = other
+        score(f"FPA eval_pairing={other}", model)
+        fpa.eval_pairing = kept
+    batches = list(training_batches(config, data, args.batches))
+    score("BN re-estimated", reestimate_bn(model, batches))
+    if epa is not None and bool(epa.container.initialized):
+        with epa_off(model):
+            score("EPA off, BN re-estimated", reestimate_bn(model, batches))
+    size = epa_size(model, data)
+    if size is not None:
+        report["epa_norm_ratio"] = size
+        print(f"EPA: |F_e| / |F| = {size:.3f} on the val images", flush=True)
+    quality = pseudo_label_quality(model, batches, config.threshold)
+    report["pseudo_labels"] = quality
+    print(
+        f"pseudo-labels (τ = {config.threshold}) on {len(batches) * config.batch} unlabeled crops: "
+        f"{quality['valid_share']:.1%} of pixels confident; lesion is {quality['lesion_share']:.1%} of all pixels "
+        f"but {quality['lesion_share_of_valid']:.1%} of the confident ones; lesion precision "
+        f"{quality['lesion_precision']:.3f}, recall {quality['lesion_recall']:.3f}; the threshold keeps "
+        f"{quality['lesion_kept_by_threshold']:.1%} of the true lesion pixels",
+        flush=True,
+    )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
