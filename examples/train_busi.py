@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no-pal", action="store_true", help="ablation: no pixel affinity loss")
     g.add_argument("--no-masking", action="store_true", help="ablation: stage 2 sees the unmasked unlabeled images")
     g.add_argument("--threshold", type=float, default=d.threshold, help="pseudo-label confidence tau (default %(default)s)")
+    g.add_argument("--unsup-weight", type=float, default=d.unsup_weight,
+                   help="weight of stage 2's pseudo-label terms CE_u and PAL_u; 0 trains on the labeled images only "
+                        "while the unlabeled ones still act through FPA and EPA (default %(default)s, the paper's)")
     g.add_argument("--reliability", choices=["threshold", "entropy"], default=d.reliability,
                    help="pseudo-label rule: the paper's confidence threshold, or the authors' entropy percentile (default %(default)s)")
     g.add_argument("--patch-size", type=int, default=None, help="masking patch side in pixels (default crop // 9, the paper's 9x9 grid)")
@@ -108,7 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--save-every", type=int, default=d.save_every, help="also checkpoint every N iterations (default %(default)s; 0: epochs only)")
     g.add_argument("--overlays", type=int, default=d.overlays, help="test images written as overlay PNGs (default %(default)s)")
     g.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm across processes")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0.0 <= args.unsup_weight < float("inf"):
+        p.error(f"--unsup-weight must be a finite number >= 0, got {args.unsup_weight}")
+    return args
 
 
 def config_for(args: argparse.Namespace, method: str, fold: int) -> TrainConfig:
@@ -120,7 +126,7 @@ def config_for(args: argparse.Namespace, method: str, fold: int) -> TrainConfig:
         eval_size=args.eval_size or args.resize,
         epochs=args.epochs, pretrain_epochs=args.pretrain_epochs if method == "cscpa" else 0,
         iters_per_epoch=args.iters_per_epoch, batch=args.batch, lr=args.lr, threshold=args.threshold,
-        reliability=args.reliability, patch_size=args.patch_size, mask_ratio=args.mask_ratio, fpa_eval=args.fpa_eval,
+        unsup_weight=args.unsup_weight, reliability=args.reliability, patch_size=args.patch_size, mask_ratio=args.mask_ratio, fpa_eval=args.fpa_eval,
         select=args.select, seed=args.seed, device=args.device, amp=args.amp, workers=args.workers,
         save_every=args.save_every, overlays=args.overlays, sync_bn=args.sync_bn, out=args.out, resume=args.resume,
     )

@@ -65,6 +65,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     threshold: float = 0.8
+    unsup_weight: float = 1.0
     reliability: str = "threshold"
     patch_size: int | None = None
     mask_ratio: float = 0.7
@@ -196,6 +197,7 @@ class FoldTrainer:
             pal=config.method == "cscpa" and config.pal,
             masking=config.method == "cscpa" and config.masking,
             threshold=config.threshold,
+            unsup_weight=config.unsup_weight,
             reliability=config.reliability,
             patch_size=config.patch_size or max(1, config.crop // 9),
             mask_ratio=config.mask_ratio,

@@ -72,6 +72,19 @@ def test_train_step_trains_the_container_mixer_and_stores_a_new_bank() -> None:
     assert not torch.equal(net.epa.container.mixer.weight, mixer_before)
 
 
+@pytest.mark.parametrize("unsup_weight", [0.0, 1.0, 2.5])
+def test_unsup_weight_scales_the_pseudo_label_terms(unsup_weight: float) -> None:
+    torch.manual_seed(0)
+    net = Net()
+    step = CSCPAStep(net, torch.optim.SGD(net.parameters(), lr=0.1), container=None,
+                     options=CSCPAOptions(patch_size=4, threshold=0.5, unsup_weight=unsup_weight))
+    x_l, y_l, x_u = _batch()
+    stats = step.train_step(x_l, y_l, x_u, epoch=0, epochs=4, generator=torch.Generator().manual_seed(0))
+    assert stats.ce_unlabeled > 0  # computed and logged whatever the weight
+    expected = stats.ce_labeled + stats.pal_labeled + unsup_weight * (stats.ce_unlabeled + stats.pal_unlabeled)
+    assert stats.loss == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
 def test_supervised_step_is_cross_entropy_only() -> None:
     net = Net()
     step = CSCPAStep(net, torch.optim.SGD(net.parameters(), lr=0.1), container=None)

@@ -204,8 +204,15 @@ def test_help_documents_every_flag() -> None:
     assert result.returncode == 0
     for flag in ("--method", "--no-fpa", "--no-epa", "--no-pal", "--no-masking", "--data", "--split", "--fold", "--labeled",
                  "--backbone", "--crop", "--epochs", "--pretrain-epochs", "--batch", "--lr", "--seed", "--device", "--amp",
-                 "--out", "--resume", "--workers", "--sync-bn"):
+                 "--out", "--resume", "--workers", "--sync-bn", "--unsup-weight"):
         assert flag in result.stdout, flag
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "nan"])
+def test_unsup_weight_must_be_finite_and_not_negative(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train_busi.parse_args(["--unsup-weight", value])
+    assert "--unsup-weight must be a finite number >= 0" in capsys.readouterr().err
 
 
 def test_diagnose_reports_on_a_cscpa_checkpoint(both_methods: Path, tmp_path: Path) -> None:
