@@ -7,10 +7,11 @@ It rebuilds the model and the fold's data from the configuration stored in the c
 (``last.pt`` or ``best.pt`` of ``examples/train_busi.py``) and reports:
 
 1. **Validation Dice and IoU** as trained, with EPA switched off (the stored bank ignored),
-   with FPA's eval pairing swapped (``self`` / ``identity``), and with EPA on after the batch
-   norm running statistics are re-estimated on ``--batches`` training batches. A gap between
-   "as trained" and "BN re-estimated" means the running statistics lag the features (for
-   example just after the edge container is initialised and EPA starts adding F_e).
+   with FPA's eval pairing swapped (``self`` / ``identity``), and after the BatchNorm running
+   statistics are re-estimated on ``--batches`` batches of the method's stage-1 input, as the
+   trainer's ``--precise-bn`` does. A gap between "as trained" and "BN re-estimated" means the
+   running statistics lag the features (for example while EPA's term changes size).
+   ``--test`` also scores the test split both ways.
 2. **EPA's size**: the norm of F_e against the norm of F on the validation images.
 3. **Pseudo-label quality** on ``--batches`` batches of the fold's unlabeled images, whose
    masks the dataset has even though training does not use them: the share of pixels above
@@ -47,7 +48,7 @@ from examples.evaluate import evaluate  # noqa: E402
 from examples.samples import IGNORE_INDEX  # noqa: E402
 from examples.streams import IndexStream, StreamBatches  # noqa: E402
 from examples.train_busi import build_model, fold_data, open_dataset  # noqa: E402
-from examples.trainer import TrainConfig, _loader  # noqa: E402
+from examples.trainer import TrainConfig, _loader, reestimate_bn  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", help="split file to use instead of the one stored in the checkpoint")
     parser.add_argument("--batches", type=int, default=20,
                         help="training batches for the BN re-estimate and the pseudo-label statistics (default 20)")
+    parser.add_argument("--test", action="store_true", help="also score the test split, as trained and with BN re-estimated")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.batches < 1:
@@ -101,18 +103,14 @@ def training_batches(config: TrainConfig, data: Any, count: int) -> Iterator[tup
     )
 
 
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, batches: list[tuple[Any, Any]]) -> nn.Module:
-    """A copy of the model whose batch-norm running statistics are the plain average over the
-    given stage-1 batches (momentum None), everything else unchanged."""
+def reestimated(model: nn.Module, config: TrainConfig, batches: list[tuple[Any, Any]]) -> nn.Module:
+    """A copy of the model with BatchNorm statistics re-estimated as ``--precise-bn`` does:
+    on the method's stage-1 input ([labeled, unlabeled] for CSC-PA, labeled for SupOnly)."""
     model = copy.deepcopy(model)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    model.train()
-    for labeled, unlabeled in batches:
-        model(torch.cat([labeled.image, unlabeled.image]))
+    if config.method == "cscpa":
+        reestimate_bn(model, (torch.cat([l.image, u.image]) for l, u in batches))
+    else:
+        reestimate_bn(model, (l.image for l, _ in batches))
     return model.eval()
 
 
@@ -187,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "iteration": state.get("iteration")}
 
-    def score(name: str, m: nn.Module) -> None:
-        result = evaluate(m, data.val, torch.device("cpu"))
-        report[name] = {"dice": result.dice, "iou": result.iou}
-        print(f"val {name:<28} Dice {result.dice:.4f}  IoU {result.iou:.4f}", flush=True)
+    def score(name: str, m: nn.Module, split: str = "val") -> None:
+        result = evaluate(m, data.val if split == "val" else data.test, torch.device("cpu"))
+        report[name if split == "val" else f"test, {name}"] = {"dice": result.dice, "iou": result.iou}
+        print(f"{split:<4} {name:<28} Dice {result.dice:.4f}  IoU {result.iou:.4f}", flush=True)
 
     print(f"{args.checkpoint}: iteration {state.get('iteration')}, {len(data.val)} val images", flush=True)
     score("as trained", model)
@@ -206,10 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         score(f"FPA eval_pairing={other}", model)
         fpa.eval_pairing = kept
     batches = list(training_batches(config, data, args.batches))
-    score("BN re-estimated", reestimate_bn(model, batches))
+    precise = reestimated(model, config, batches)
+    score("BN re-estimated", precise)
+    if args.test:
+        score("as trained", model, "test")
+        score("BN re-estimated", precise, "test")
     if epa is not None and bool(epa.container.initialized):
         with epa_off(model):
-            score("EPA off, BN re-estimated", reestimate_bn(model, batches))
+            score("EPA off, BN re-estimated", reestimated(model, config, batches))
     size = epa_size(model, data)
     if size is not None:
         report["epa_norm_ratio"] = size

@@ -100,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="iterations per epoch (default: one pass over the unlabeled set, for both methods)")
     g.add_argument("--batch", type=int, default=d.batch, help="labeled and unlabeled images per step and process (default %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="base learning rate, poly decay with power 0.9 (default %(default)s)")
+    g.add_argument("--precise-bn", type=int, default=d.precise_bn, metavar="N",
+                   help="before each validation, recompute the BatchNorm running statistics over N training batches "
+                        "(changes evaluation only, not training; 0: off, the usual running averages) (default %(default)s)")
     g.add_argument("--select", choices=["best", "last"], default=d.select, help="checkpoint scored on test: best val Dice or last epoch (default %(default)s)")
     g = p.add_argument_group("running")
     g.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
@@ -112,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--overlays", type=int, default=d.overlays, help="test images written as overlay PNGs (default %(default)s)")
     g.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm across processes")
     args = p.parse_args(argv)
+    if args.precise_bn < 0:
+        p.error(f"--precise-bn must be >= 0, got {args.precise_bn}")
     if not 0.0 <= args.unsup_weight < float("inf"):
         p.error(f"--unsup-weight must be a finite number >= 0, got {args.unsup_weight}")
     return args
@@ -127,7 +132,7 @@ def config_for(args: argparse.Namespace, method: str, fold: int) -> TrainConfig:
         epochs=args.epochs, pretrain_epochs=args.pretrain_epochs if method == "cscpa" else 0,
         iters_per_epoch=args.iters_per_epoch, batch=args.batch, lr=args.lr, threshold=args.threshold,
         unsup_weight=args.unsup_weight, reliability=args.reliability, patch_size=args.patch_size, mask_ratio=args.mask_ratio, fpa_eval=args.fpa_eval,
-        select=args.select, seed=args.seed, device=args.device, amp=args.amp, workers=args.workers,
+        select=args.select, precise_bn=args.precise_bn, seed=args.seed, device=args.device, amp=args.amp, workers=args.workers,
         save_every=args.save_every, overlays=args.overlays, sync_bn=args.sync_bn, out=args.out, resume=args.resume,
     )
 

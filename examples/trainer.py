@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -72,6 +72,7 @@ class TrainConfig:
     keep_hard: float = 0.7
     fpa_eval: str = "self"
     select: str = "best"
+    precise_bn: int = 0
     seed: int = 0
     device: str = "auto"
     amp: str = "none"
@@ -150,6 +151,38 @@ def autocast_factory(amp: str, device: torch.device) -> Callable[[], contextlib.
         return contextlib.nullcontext
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, inputs: Iterable[torch.Tensor], *, autocast: Callable[[], Any] | None = None) -> None:
+    """Replace every BatchNorm's running statistics in ``model`` by their plain average over
+    ``inputs`` (network inputs, forwarded in training mode with the current weights).
+
+    Training mode normalises with batch statistics, so this changes evaluation only, never
+    the training trajectory. It matters for CSC-PA: EPA adds a large, nearly constant vector
+    whose size follows the edge bank from one iteration to the next, and stage 2 feeds masked
+    images through the same BatchNorms, so the running averages can lag the features and
+    evaluation collapse while the network itself is fine (docs/results.md). Use inputs like
+    the training batches (the same batch size and mix), since the averages are of per-batch
+    statistics.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the inputs
+    was_training = model.training
+    model.train()
+    try:
+        for x in inputs:
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                model(x)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
 
 
 def _loader(dataset: Any, sampler: StreamBatches, workers: int) -> DataLoader[Any]:
@@ -353,9 +386,31 @@ class FoldTrainer:
                 bar.close()
                 if epoch == cfg.pretrain_epochs - 1 and cfg.method == "cscpa":
                     self._end_of_pretraining()
+                if cfg.precise_bn:
+                    self._reestimate_bn(epoch)
                 last_val = self._validate(epoch, stats, log)
                 self.save()
         return self._finish(time.perf_counter() - start_time, log)
+
+    def _reestimate_bn(self, epoch: int) -> None:
+        """``precise_bn`` batches of the method's own stage-1 input, a function of the seed and
+        the epoch, through :func:`reestimate_bn`; every rank runs its share (SyncBatchNorm needs
+        all of them)."""
+        cfg = self.config
+        rank, world = self.dist.rank, self.dist.world
+
+        def stream(part: Any, name: str) -> DataLoader[Any]:
+            index = IndexStream(len(part), seed=cfg.seed, tag=f"precise-bn-{cfg.fold}-{epoch}-{name}")
+            return _loader(part, StreamBatches(index, 0, cfg.precise_bn, cfg.batch, rank=rank, world=world), cfg.workers)
+
+        labeled = stream(self.data.labeled, "labeled")
+        if cfg.method == "cscpa":
+            inputs: Iterator[torch.Tensor] = (
+                torch.cat([l.image, u.image]) for l, u in zip(labeled, stream(self.data.unlabeled, "unlabeled"))
+            )
+        else:
+            inputs = (l.image for l in labeled)
+        reestimate_bn(self.model, (x.to(self.device, non_blocking=True) for x in inputs), autocast=self.autocast)
 
     def _validate(self, epoch: int, stats: StepStats | None, log: Callable[[str], None]) -> float:
         val_dice = float("nan")

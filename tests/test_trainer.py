@@ -204,7 +204,7 @@ def test_help_documents_every_flag() -> None:
     assert result.returncode == 0
     for flag in ("--method", "--no-fpa", "--no-epa", "--no-pal", "--no-masking", "--data", "--split", "--fold", "--labeled",
                  "--backbone", "--crop", "--epochs", "--pretrain-epochs", "--batch", "--lr", "--seed", "--device", "--amp",
-                 "--out", "--resume", "--workers", "--sync-bn", "--unsup-weight"):
+                 "--out", "--resume", "--workers", "--sync-bn", "--unsup-weight", "--precise-bn"):
         assert flag in result.stdout, flag
 
 
@@ -219,9 +219,10 @@ def test_diagnose_reports_on_a_cscpa_checkpoint(both_methods: Path, tmp_path: Pa
     from examples import diagnose
 
     report = tmp_path / "diag.json"
-    assert diagnose.main([str(both_methods / "cscpa" / "fold0" / "last.pt"), "--batches", "2", "--json", str(report)]) == 0
+    assert diagnose.main([str(both_methods / "cscpa" / "fold0" / "last.pt"), "--batches", "2", "--test", "--json", str(report)]) == 0
     figures = json.loads(report.read_text())
-    for name in ("as trained", "EPA off", "FPA eval_pairing=identity", "BN re-estimated", "EPA off, BN re-estimated"):
+    for name in ("as trained", "EPA off", "FPA eval_pairing=identity", "BN re-estimated", "EPA off, BN re-estimated",
+                 "test, as trained", "test, BN re-estimated"):
         assert 0.0 <= figures[name]["dice"] <= 1.0, name
     assert figures["epa_norm_ratio"] > 0.0
     quality = figures["pseudo_labels"]
@@ -235,3 +236,24 @@ def test_diagnose_rejects_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> Non
     bogus.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="not a checkpoint"):
         diagnose.main([str(bogus)])
+
+
+def test_precise_bn_must_not_be_negative(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train_busi.parse_args(["--precise-bn", "-1"])
+    assert "--precise-bn must be >= 0" in capsys.readouterr().err
+
+
+def test_precise_bn_changes_the_running_statistics_only(tmp_path: Path) -> None:
+    base = [*TINY, "--method", "cscpa", "--iters-per-epoch", "2", "--overlays", "0"]
+    assert train_busi.main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert train_busi.main([*base, "--precise-bn", "2", "--out", str(tmp_path / "precise")]) == 0
+    plain = torch.load(tmp_path / "plain" / "cscpa" / "fold0" / "last.pt", weights_only=False)["model"]
+    precise = torch.load(tmp_path / "precise" / "cscpa" / "fold0" / "last.pt", weights_only=False)["model"]
+    running = [k for k in plain if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert running
+    # Training mode normalises with batch statistics: the weights (and the edge bank) follow the same path...
+    for key in plain.keys() - set(running):
+        assert torch.equal(plain[key], precise[key]), key
+    # ... while the running statistics were recomputed before the last validation.
+    assert any(not torch.equal(plain[k], precise[k]) for k in running if k.endswith("running_mean"))
