@@ -19,7 +19,7 @@ It rebuilds the model and the fold's data from the configuration stored in the c
    recall, and how much of the true lesion the threshold keeps. The forward is stage 1's:
    training mode, [labeled, unlabeled] in one batch, no gradient, on a copy of the model.
 
-Nothing is written to the checkpoint.
+Everything runs on the CPU (a few minutes at BUSI sizes). Nothing is written to the checkpoint.
 """
 
 from __future__ import annotations
