@@ -36,6 +36,7 @@ elif _ROOT not in sys.path:
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
@@ -47,8 +48,9 @@ from cscpa_layers import pseudo_labels  # noqa: E402
 from examples.evaluate import evaluate  # noqa: E402
 from examples.samples import IGNORE_INDEX  # noqa: E402
 from examples.streams import IndexStream, StreamBatches  # noqa: E402
-from examples.train_busi import build_model, fold_data, open_dataset  # noqa: E402
-from examples.trainer import TrainConfig, _loader, reestimate_bn  # noqa: E402
+from examples.predict import model_from_checkpoint, read_checkpoint  # noqa: E402
+from examples.train_busi import fold_data, open_dataset  # noqa: E402
+from examples.trainer import TrainConfig, _loader, reestimate_bn, stage1_input  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,18 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.batches < 1:
         parser.error(f"--batches must be at least 1, got {args.batches}")
     return args
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SystemExit(f"{path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a truncated or foreign file: say which, not a pickle traceback
-        raise SystemExit(f"{path} is not a checkpoint of examples/train_busi.py ({error})") from error
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise SystemExit(f"{path} is not a checkpoint of examples/train_busi.py (no config or model in it)")
-    return state
 
 
 @contextlib.contextmanager
@@ -107,10 +97,7 @@ def reestimated(model: nn.Module, config: TrainConfig, batches: list[tuple[Any, 
     """A copy of the model with BatchNorm statistics re-estimated as ``--precise-bn`` does:
     on the method's stage-1 input ([labeled, unlabeled] for CSC-PA, labeled for SupOnly)."""
     model = copy.deepcopy(model)
-    if config.method == "cscpa":
-        reestimate_bn(model, (torch.cat([l.image, u.image]) for l, u in batches))
-    else:
-        reestimate_bn(model, (l.image for l, _ in batches))
+    reestimate_bn(model, (stage1_input(config.method, l, u) for l, u in batches))
     return model.eval()
 
 
@@ -166,10 +153,12 @@ def pseudo_label_quality(model: nn.Module, batches: list[tuple[Any, Any]], thres
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    state = load_checkpoint(args.checkpoint)
-    saved = dict(state["config"])
-    saved.update({k: v for k, v in (("data", args.data), ("split", args.split)) if v is not None})
-    config = TrainConfig(**saved)
+    if not args.checkpoint.is_file():
+        raise SystemExit(f"{args.checkpoint}: no such file")
+    state = read_checkpoint(args.checkpoint)
+    model, config = model_from_checkpoint(state)
+    model.eval()
+    config = dataclasses.replace(config, **{k: v for k, v in (("data", args.data), ("split", args.split)) if v is not None})
     # Without --split the trainer wrote (and reused) a split file in its --out folder.
     split = Path(config.split) if config.split else Path(config.out) / "splits.json"
     if not split.is_file():
@@ -179,10 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         labeled=config.labeled, crop=config.crop, resize=config.resize, eval_size=config.eval_size,
     )
     data = fold_data(open_dataset(namespace), split, config.fold, namespace)
-    torch.manual_seed(config.seed)
-    model = build_model(config)
-    model.load_state_dict(state["model"])
-    model.eval()
     report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "iteration": state.get("iteration")}
 
     def score(name: str, m: nn.Module, split: str = "val") -> None:

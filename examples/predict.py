@@ -10,6 +10,7 @@ like masks (`*_mask*.png`) are skipped. For each image, DIR receives `<name>_pre
 
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ elif _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import argparse  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -36,20 +38,33 @@ from examples.transforms import EvalTransform  # noqa: E402
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
-def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, TrainConfig]:
-    from examples.train_busi import build_model
-
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The state dict that examples/train_busi.py saved (``last.pt`` or ``best.pt``), or a clear
+    SystemExit for a missing, unreadable or foreign file."""
     try:
         state = torch.load(path, map_location=device, weights_only=False)
-    except (OSError, RuntimeError) as error:
-        raise SystemExit(f"cannot read checkpoint {path}: {error}") from error
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise SystemExit(f"{path} is not a checkpoint of examples/train_busi.py (cannot read it: {error})") from error
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise SystemExit(f"{path} is not a checkpoint of examples/train_busi.py (no 'model' and 'config' entries)")
+    return state
+
+
+def model_from_checkpoint(state: dict[str, Any]) -> tuple[torch.nn.Module, TrainConfig]:
+    """The network of a checkpoint read by :func:`read_checkpoint`, with its weights, and the
+    run's configuration. No ImageNet download: the checkpoint holds every weight."""
+    from examples.train_busi import build_model
+
     fields = {f for f in TrainConfig.__dataclass_fields__}
     config = TrainConfig(**{k: v for k, v in state["config"].items() if k in fields})
     config.pretrained, config.weights = False, None  # the checkpoint holds every weight
     model = build_model(config)
     model.load_state_dict(state["model"])
+    return model, config
+
+
+def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, TrainConfig]:
+    model, config = model_from_checkpoint(read_checkpoint(path, device))
     return model.to(device).eval(), config
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import subprocess
@@ -151,6 +152,12 @@ def autocast_factory(amp: str, device: torch.device) -> Callable[[], contextlib.
         return contextlib.nullcontext
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def stage1_input(method: str, labeled: Any, unlabeled: Any) -> torch.Tensor:
+    """The network input of one stage-1 (and pre-training) step from a labeled and an unlabeled
+    batch: ``[labeled, unlabeled]`` for CSC-PA, the labeled images alone for SupOnly."""
+    return torch.cat([labeled.image, unlabeled.image]) if method == "cscpa" else labeled.image
 
 
 @torch.no_grad()
@@ -404,13 +411,10 @@ class FoldTrainer:
             return _loader(part, StreamBatches(index, 0, cfg.precise_bn, cfg.batch, rank=rank, world=world), cfg.workers)
 
         labeled = stream(self.data.labeled, "labeled")
-        if cfg.method == "cscpa":
-            inputs: Iterator[torch.Tensor] = (
-                torch.cat([l.image, u.image]) for l, u in zip(labeled, stream(self.data.unlabeled, "unlabeled"))
-            )
-        else:
-            inputs = (l.image for l in labeled)
-        reestimate_bn(self.model, (x.to(self.device, non_blocking=True) for x in inputs), autocast=self.autocast)
+        # SupOnly never reads unlabeled images: pair its batches with None instead of loading them.
+        unlabeled = stream(self.data.unlabeled, "unlabeled") if cfg.method == "cscpa" else itertools.repeat(None)
+        inputs = (stage1_input(cfg.method, l, u).to(self.device, non_blocking=True) for l, u in zip(labeled, unlabeled))
+        reestimate_bn(self.model, inputs, autocast=self.autocast)
 
     def _validate(self, epoch: int, stats: StepStats | None, log: Callable[[str], None]) -> float:
         val_dice = float("nan")
