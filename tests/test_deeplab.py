@@ -164,7 +164,7 @@ def test_bad_input() -> None:
     with pytest.raises(ValueError, match="no EPA"):
         model(torch.randn(1, 3, 32, 32), edge_bank=torch.randn(256, 512))
     with pytest.raises(ValueError, match="backbone must be one of 'resnet18', 'resnet34'"):
-        DeepLabV3Plus(backbone="vgg16", pretrained=False)
+        DeepLabV3Plus(backbone="no_such_net", pretrained=False)
     with pytest.raises(ValueError, match=r"output_stride must be one of \(8, 16, 32\)"):
         DeepLabV3Plus(backbone="resnet18", output_stride=4, pretrained=False)
     with pytest.raises(ValueError, match="odd batch|even batch"):
