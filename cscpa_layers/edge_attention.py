@@ -32,6 +32,7 @@ def edge_prototype_attention(
     *,
     temperature: float = 1.0,
     rescale: bool = True,
+    gain: Tensor | float = 1.0,
     eps: float = 1e-6,
 ) -> Tensor:
     r"""Amplify the pixels that resemble the edge prototype; returns :math:`F + F_e`.
@@ -40,9 +41,10 @@ def edge_prototype_attention(
 
     .. math::
         \Phi_e[p] = \mathrm{softmax}_p\big(\cos(P_e, F_{:,p}) / T\big), \qquad
-        F_e = s\,\Phi_e \otimes P_e,
+        F_e = g\,s\,\Phi_e \otimes P_e,
 
-    so ``F_e[:, p] = s · Φ_e[p] · P_e``. The softmax runs over all N pixels of the image. Its
+    so ``F_e[:, p] = g · s · Φ_e[p] · P_e``, with g = ``gain`` (1 in the paper). The softmax
+    runs over all N pixels of the image. Its
     weights sum to 1, so they are about 1/N each and F_e nearly vanishes on a large map; with
     ``rescale`` the scale is s = N, which makes the mean weight exactly 1, otherwise s = 1.
     With the temperature T every rescaled weight lies in [e^(-2/T), e^(2/T)], so F_e[:, p] has
@@ -59,6 +61,8 @@ def edge_prototype_attention(
             :meth:`AdaptiveEdgeContainer.prototype`.
         temperature: T > 0; below 1 sharpens the weights, above 1 flattens them.
         rescale: multiply the weights by N so that their mean is 1 (recommended).
+        gain: g, a float or a 0-d tensor (a learnable gate: gradient flows into it) that
+            multiplies F_e; 1 is the paper's form.
         eps: smallest norm in the cosine, so all-zero features or prototypes give 0, not NaN.
 
     Returns:
@@ -82,6 +86,11 @@ def edge_prototype_attention(
     if not isinstance(rescale, bool):
         raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}")
     _check_hyper(temperature, eps)
+    if isinstance(gain, Tensor):
+        check_shape(gain, (), "gain", "() (a 0-d tensor)")
+        check_same_device(x, gain, "x", "gain")
+    elif not isinstance(gain, (int, float)) or isinstance(gain, bool):
+        raise TypeError(f"gain must be a float or a 0-d tensor, got {type(gain).__name__}")
     n = h * w
     feats = x.flatten(2)  # (B, C, N)
     proto = prototype.to(x.dtype)  # (C,)
@@ -92,6 +101,8 @@ def edge_prototype_attention(
     weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # Eq. 9
     if rescale:
         weights = weights * n  # mean weight 1 over the N pixels
+    if isinstance(gain, Tensor) or gain != 1:
+        weights = weights * gain
     weights = weights.to(x.dtype)
     # Eq. 10, F_e = Phi_e (x) P_e, added to x in one fused call: (B, 1, N) * (1, C, 1)
     return torch.addcmul(feats, weights.unsqueeze(1), proto.view(1, c, 1)).view(b, c, h, w)
@@ -110,11 +121,21 @@ class EdgePrototypeAttention(nn.Module):
     branch, so ``torch.compile(fullgraph=True)`` works in both states. A bank passed
     explicitly is always used. EPA acts the same in training and eval.
 
+    **Gate** (a deviation, off by default). With ``gate=True`` the layer returns
+    ``x + γ · F_e`` with a learnable scalar γ (``self.gate``) that starts at 0, so switching EPA
+    on at the end of pre-training changes nothing at once and training opens it as far as it
+    helps. The paper's form adds F_e with weight 1; on BUSI that term was 0.7-10× the size of
+    F and arrived all at once when the container was initialised (docs/deviations.md).
+    ``gate=False`` is the paper's form. The gate also multiplies the gradient that reaches the
+    container's mixer, so the mixer starts learning as γ leaves 0.
+
     Args:
         channels: C, the channels of the feature map.
         slots: n, the container's bank size (the paper's 256).
         temperature: T of the softmax over pixels.
         rescale: multiply the weights by N so that their mean is 1.
+        gate: a learnable scalar γ on F_e, initialised to 0; False (default): γ = 1 fixed,
+            the paper's form.
         eps: smallest norm in the cosine.
 
     Shape:
@@ -140,12 +161,16 @@ class EdgePrototypeAttention(nn.Module):
         slots: int = 256,
         temperature: float = 1.0,
         rescale: bool = True,
+        gate: bool = False,
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
         if not isinstance(rescale, bool):
             raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}")
+        if not isinstance(gate, bool):
+            raise TypeError(f"gate must be a bool, got {type(gate).__name__}")
         _check_hyper(temperature, eps)
+        self.gate = nn.Parameter(torch.zeros(())) if gate else None
         self.container = AdaptiveEdgeContainer(channels, slots=slots)
         self.channels = channels
         self.slots = slots
@@ -165,6 +190,7 @@ class EdgePrototypeAttention(nn.Module):
             self.container.prototype(bank),
             temperature=self.temperature,
             rescale=self.rescale,
+            gain=1.0 if self.gate is None else self.gate.to(x.dtype),
             eps=self.eps,
         )
         if bank is not None:
@@ -174,5 +200,5 @@ class EdgePrototypeAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, slots={self.slots}, temperature={self.temperature}, "
-            f"rescale={self.rescale}, eps={self.eps}"
+            f"rescale={self.rescale}, gate={self.gate is not None}, eps={self.eps}"
         )

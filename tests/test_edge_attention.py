@@ -372,3 +372,68 @@ def test_bad_input_types_raise() -> None:
 def test_bank_of_the_wrong_shape_raises() -> None:
     with pytest.raises(ValueError, match=r"bank must have shape \(slots, C\) = \(3, 4\), got \(3, 5\)"):
         EdgePrototypeAttention(4, slots=3)(torch.randn(1, 4, 2, 2), torch.randn(3, 5))
+
+
+# --- the gate (a deviation: gamma * F_e, gamma learnable from 0) ------------------------------------
+
+
+def test_gate_starts_closed_and_opens_by_gradient() -> None:
+    epa = _ready(gate=True)
+    assert epa.gate is not None and epa.gate.item() == 0.0
+    x = torch.randn(2, 8, 5, 6)
+    bank = epa.container.update(torch.randn(6, 8))
+    out = epa(x, bank)
+    assert torch.equal(out, x)  # closed: switching EPA on changes nothing at once
+    target = x + 0.3 * (edge_prototype_attention(x, bank.detach().mean(0)) - x)  # wants gamma = 0.3
+    (out - target).square().sum().backward()
+    assert epa.gate.grad is not None and epa.gate.grad.item() < 0  # gradient descent opens it
+    # the gate scales the paper's term exactly: gamma = 0.3 gives F + 0.3 F_e
+    with torch.no_grad():
+        epa.gate.fill_(0.3)
+    paper = EdgePrototypeAttention(8, slots=4)
+    paper.container.load_state_dict(epa.container.state_dict())
+    torch.testing.assert_close(epa(x) - x, 0.3 * (paper(x) - x), rtol=1e-5, atol=1e-6)
+
+
+def test_gain_equals_the_dense_reference_scaled_in_value_and_gradient() -> None:
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64, requires_grad=True)
+    prototype = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    gain = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    ref = x + gain * (edge_prototype_attention_dense(x, prototype, temperature=0.5) - x)
+    out = edge_prototype_attention(x, prototype, temperature=0.5, gain=gain)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    seed = torch.randn_like(out)
+    want = torch.autograd.grad(ref, [x, prototype, gain], seed)
+    got = torch.autograd.grad(out, [x, prototype, gain], seed)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda a, p, g: edge_prototype_attention(a, p, temperature=0.5, gain=g), (x, prototype, gain)
+    )
+
+
+def test_bad_gain_and_gate_raise() -> None:
+    with pytest.raises(ValueError, match=r"gain must have shape \(\) \(a 0-d tensor\)"):
+        edge_prototype_attention(torch.randn(1, 4, 2, 2), torch.randn(4), gain=torch.ones(1))
+    with pytest.raises(TypeError, match="gain must be a float or a 0-d tensor, got str"):
+        edge_prototype_attention(torch.randn(1, 4, 2, 2), torch.randn(4), gain="1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="gate must be a bool, got int"):
+        EdgePrototypeAttention(4, gate=1)  # type: ignore[arg-type]
+    assert "gate=True" in repr(EdgePrototypeAttention(4, gate=True))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compile_available(), reason="inductor needs a C++ compiler")
+def test_compiled_gate_equals_eager() -> None:
+    epa = _ready(gate=True)
+    with torch.no_grad():
+        epa.gate.fill_(0.4)  # type: ignore[union-attr]
+    compiled = torch.compile(epa, fullgraph=True)
+    x = torch.randn(2, 8, 5, 6, requires_grad=True)
+    eager = epa(x)
+    (gx_eager, gg_eager) = torch.autograd.grad(eager.square().sum(), [x, epa.gate])
+    out = compiled(x)
+    (gx, gg) = torch.autograd.grad(out.square().sum(), [x, epa.gate])
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_eager, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(gg, gg_eager, atol=1e-3, rtol=1e-5)
