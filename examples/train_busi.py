@@ -143,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--save-every", type=int, default=d.save_every, help="also checkpoint every N iterations (default %(default)s; 0: epochs only)")
     g.add_argument("--overlays", type=int, default=d.overlays, help="test images written as overlay PNGs (default %(default)s)")
     g.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm across processes")
+    g.add_argument("--stop-after", type=int, default=0, metavar="ITERATION",
+                   help="stop after this iteration as Ctrl-C would, saving last.pt (to test --resume; default 0: never)")
     p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     if args.head_channels < 1:
@@ -167,6 +169,7 @@ def config_for(args: argparse.Namespace, method: str, fold: int) -> TrainConfig:
         unsup_weight=args.unsup_weight, reliability=args.reliability, patch_size=args.patch_size, mask_ratio=args.mask_ratio, fpa_eval=args.fpa_eval,
         select=args.select, precise_bn=args.precise_bn, seed=args.seed, device=args.device, amp=args.amp, workers=args.workers,
         save_every=args.save_every, overlays=args.overlays, sync_bn=args.sync_bn, out=args.out, resume=args.resume,
+        stop_after=args.stop_after,
     )
 
 

@@ -84,6 +84,7 @@ class TrainConfig:
     save_every: int = 50
     overlays: int = 4
     sync_bn: bool = False
+    stop_after: int = 0  # stop as a signal would after this iteration (tests of resumption); 0: never
     out: str = "runs/cscpa"
     resume: bool = False
 
@@ -266,6 +267,8 @@ class FoldTrainer:
         self.best_val = -1.0
         self.best_epoch = -1
         self.history: list[dict[str, float]] = []
+        self.epochs_ended = 0  # epochs whose end (validation, checkpoint) has run
+        self.last_stats: StepStats | None = None
         self.pretrain_edges: list[torch.Tensor] = []
         self.labeled_stream = IndexStream(len(data.labeled), seed=config.seed, tag=f"labeled-{config.fold}")
         self.unlabeled_stream = IndexStream(len(data.unlabeled), seed=config.seed, tag=f"unlabeled-{config.fold}")
@@ -293,6 +296,8 @@ class FoldTrainer:
             "best_val": self.best_val,
             "best_epoch": self.best_epoch,
             "history": self.history,
+            "epochs_ended": self.epochs_ended,
+            "last_stats": None if self.last_stats is None else self.last_stats._asdict(),
             "pretrain_edges": [e.cpu() for e in self.pretrain_edges],
             "rng": rng_state(),
             "git_sha": git_sha(),
@@ -320,6 +325,9 @@ class FoldTrainer:
         self.iteration = state["iteration"]
         self.best_val, self.best_epoch = state["best_val"], state["best_epoch"]
         self.history = state["history"]
+        # checkpoints from before this field existed were only written after an epoch's end
+        self.epochs_ended = state.get("epochs_ended", self.iteration // self.iters_per_epoch)
+        self.last_stats = StepStats(**state["last_stats"]) if state.get("last_stats") else None
         self.pretrain_edges = [e.to(self.device) for e in state["pretrain_edges"]]
         set_rng_state(state["rng"])
 
@@ -373,6 +381,11 @@ class FoldTrainer:
         elif cfg.resume:
             log(f"--resume: no checkpoint at {self.last_path}, starting from scratch")
         last_val = self.history[-1]["val_dice"] if self.history else float("nan")
+        if self.epochs_ended < self.iteration // self.iters_per_epoch:
+            # stopped on an epoch's last iteration, before that epoch's end: do it now, exactly
+            # as an uninterrupted run would have (the same stats, draws and validation)
+            log(f"finishing epoch {self.epochs_ended + 1}, which the stop interrupted after its last iteration")
+            last_val = self._end_epoch(self.epochs_ended, self.last_stats, log)
         with StopRequest() as stop:
             while self.iteration < self.total_iters:
                 epoch = self.iteration // self.iters_per_epoch
@@ -382,10 +395,9 @@ class FoldTrainer:
                     desc=f"fold {cfg.fold} {phase} epoch {epoch + 1}/{cfg.epochs}", disable=not self.dist.main,
                     leave=False, dynamic_ncols=True, file=sys.stderr,
                 )
-                stats = None
                 for labeled, unlabeled in self._batches(epoch):
                     try:
-                        stats = self._one_step(epoch, labeled, unlabeled)
+                        self.last_stats = self._one_step(epoch, labeled, unlabeled)
                     except NonFiniteLossError as error:
                         bar.close()
                         raise SystemExit(
@@ -395,24 +407,34 @@ class FoldTrainer:
                     self.scheduler.step()
                     self.iteration += 1
                     bar.update(1)
-                    bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", val_dice=f"{last_val:.4f}")
-                    if self.dist.any(bool(stop)):
+                    bar.set_postfix(loss=f"{self.last_stats.loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                                    val_dice=f"{last_val:.4f}")
+                    if self.dist.any(bool(stop) or self.iteration == cfg.stop_after):
                         bar.close()
-                        self.save()
+                        self.save()  # epochs_ended tells a resumed run whether this epoch's end is still due
+                        cause = f"signal {stop.signal}" if stop else "--stop-after"
                         raise SystemExit(
-                            f"stopped by signal {stop.signal} at iteration {self.iteration}; state saved to "
+                            f"stopped by {cause} at iteration {self.iteration}; state saved to "
                             f"{self.last_path}. Continue with the same command and --resume."
                         )
                     if cfg.save_every and self.iteration % cfg.save_every == 0 and self.iteration % self.iters_per_epoch:
                         self.save()
                 bar.close()
-                if epoch == cfg.pretrain_epochs - 1 and cfg.method == "cscpa":
-                    self._end_of_pretraining()
-                if cfg.precise_bn:
-                    self._reestimate_bn(epoch)
-                last_val = self._validate(epoch, stats, log)
-                self.save()
+                last_val = self._end_epoch(epoch, self.last_stats, log)
         return self._finish(time.perf_counter() - start_time, log)
+
+    def _end_epoch(self, epoch: int, stats: StepStats | None, log: Callable[[str], None]) -> float:
+        """What follows an epoch's last iteration: the container's initialisation at the end of
+        pre-training, BatchNorm re-estimation, validation, and the checkpoint."""
+        cfg = self.config
+        if epoch == cfg.pretrain_epochs - 1 and cfg.method == "cscpa":
+            self._end_of_pretraining()
+        if cfg.precise_bn:
+            self._reestimate_bn(epoch)
+        val = self._validate(epoch, stats, log)
+        self.epochs_ended = epoch + 1
+        self.save()
+        return val
 
     def _reestimate_bn(self, epoch: int) -> None:
         """``precise_bn`` batches of the method's own stage-1 input, a function of the seed and
