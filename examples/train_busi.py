@@ -203,9 +203,11 @@ def split_file(args: argparse.Namespace, dataset: Any, main: bool) -> Path:
 
 def fold_data(dataset: Any, path: Path, fold: int, args: argparse.Namespace) -> FoldData:
     split = load_split(path, fold, args.labeled)
-    if not split.val:
+    if not split.val and args.select != "last":
         # The checkpoint is chosen on val, never on test: without val there is nothing to choose on.
-        raise SystemExit(f"fold {fold} of {path} has no val part; remake it with examples/make_splits.py --val-fraction 0.1")
+        raise SystemExit(f"fold {fold} of {path} has no val part, so --select best has nothing to choose on: pass "
+                         "--select last (the last epoch is the model), or remake the split with examples/make_splits.py "
+                         "--val-fraction 0.1")
     train = TrainTransform(args.crop, base_size=args.resize)
     evaluation = EvalTransform(args.eval_size or args.resize or args.crop)
     try:
@@ -264,6 +266,9 @@ def table(results: list[FoldResult]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.sync_bn and pick_device(args.device).type != "cuda":
+        raise SystemExit("--sync-bn needs CUDA processes (PyTorch's SyncBatchNorm runs on GPUs only); on CPU, drop it: "
+                         "each process then normalises with its own batch statistics")
     device = setup_distributed(args.device)
     rank_zero = not dist.is_initialized() or dist.get_rank() == 0
     log = print if rank_zero else (lambda *_: None)

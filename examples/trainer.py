@@ -109,9 +109,14 @@ class FoldResult:
 
 
 class Distributed:
-    """Rank, world size and the collectives the trainer needs; trivial without torchrun."""
+    """Rank, world size and the collectives the trainer needs; trivial without torchrun.
 
-    def __init__(self) -> None:
+    ``device`` is where collective tensors live: the process's GPU under NCCL (which refuses
+    CPU tensors), the CPU under gloo. Pass the device the process trains on.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self.enabled = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.enabled else 0
         self.world = dist.get_world_size() if self.enabled else 1
@@ -124,7 +129,7 @@ class Distributed:
         """True on every rank when any rank says True (used for stop requests)."""
         if not self.enabled:
             return flag
-        value = torch.tensor([1.0 if flag else 0.0])
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(value)
         return bool(value.item() > 0)
 
@@ -225,7 +230,7 @@ class FoldTrainer:
         self.data = data  # has .labeled, .unlabeled, .val, .test (see examples.train_busi)
         self.out_dir = out_dir
         self.device = device
-        self.dist = Distributed()
+        self.dist = Distributed(device)
         self.raw_model = model.to(device)
         if config.sync_bn and self.dist.enabled:
             self.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.raw_model)
@@ -455,7 +460,14 @@ class FoldTrainer:
 
     def _validate(self, epoch: int, stats: StepStats | None, log: Callable[[str], None]) -> float:
         val_dice = float("nan")
-        if self.dist.main:
+        if self.dist.main and len(self.data.val) == 0:  # no val split: --select last, nothing to score
+            record = {"epoch": epoch + 1, "iteration": self.iteration, "val_dice": float("nan"), "val_iou": float("nan")}
+            if stats is not None:
+                record.update({f"train_{k}": float(v) for k, v in stats._asdict().items()})
+            self.history.append(record)
+            log(f"fold {self.config.fold} epoch {epoch + 1}/{self.config.epochs}: no val split"
+                + (f", train loss {stats.loss:.4f}" if stats is not None else ""))
+        elif self.dist.main:
             result = evaluate(self.raw_model, self.data.val, self.device, autocast=self.autocast)
             val_dice = result.dice
             record = {"epoch": epoch + 1, "iteration": self.iteration, "val_dice": result.dice, "val_iou": result.iou}

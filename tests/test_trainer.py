@@ -311,3 +311,48 @@ def test_head_channels_must_be_positive(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         train_busi.parse_args(["--head-channels", "0"])
     assert "--head-channels must be >= 1" in capsys.readouterr().err
+
+
+def test_collectives_use_the_process_groups_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL refuses CPU tensors; the stop-request all_reduce must use the training device."""
+    import torch.distributed as dist
+
+    from examples.trainer import Distributed
+
+    seen: list[torch.device] = []
+
+    class Refused(Exception):
+        pass
+
+    def nccl_like_all_reduce(tensor: torch.Tensor, *args: object, **kwargs: object) -> None:
+        seen.append(tensor.device)
+        if tensor.device.type == "cpu":
+            raise RuntimeError("No backend type associated with device type cpu")
+        raise Refused  # stop here: a meta tensor has no value to read
+
+    group = Distributed(torch.device("meta"))  # stands in for cuda:k on this CPU-only machine
+    group.enabled = True
+    monkeypatch.setattr(dist, "all_reduce", nccl_like_all_reduce)
+    with pytest.raises(Refused):
+        group.any(True)
+    assert seen == [torch.device("meta")]
+
+
+def test_sync_bn_off_cuda_is_refused_with_a_reason(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--sync-bn needs CUDA processes"):
+        train_busi.main([*TINY, "--device", "cpu", "--sync-bn", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_a_split_without_val_trains_with_select_last(tmp_path: Path) -> None:
+    from examples.make_splits import main as make_splits
+
+    split = tmp_path / "noval.json"
+    assert make_splits(["phantom", "--count", "30", "--out", str(split), "--val-fraction", "0", "--quiet"]) == 0
+    with pytest.raises(SystemExit, match="has no val part.*--select last"):
+        train_busi.main([*TINY, "--split", str(split), "--out", str(tmp_path / "best")])
+    args = [*TINY, "--split", str(split), "--select", "last", "--method", "cscpa", "--out", str(tmp_path / "last")]
+    assert train_busi.main(args) == 0
+    results = json.loads((tmp_path / "last" / "cscpa" / "fold0" / "results.json").read_text())
+    assert results["selected_epoch"] == 2 and len(results["history"]) == 2
+    assert np.isnan(results["history"][-1]["val_dice"]) and 0.0 <= results["test"]["dice"] <= 1.0
