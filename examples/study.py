@@ -53,6 +53,13 @@ NAMES = {"suponly": "SupOnly", "cscpa": "CSC-PA"}
 _OWN = ("--method", "--fold", "--folds", "--resume", "--out", "--labeled", "--data", "--split")
 
 
+# Settings that do not change what a unit computes, and those SupOnly never reads: a change of
+# tau, say, leaves the finished SupOnly units valid.
+_NOT_COMPARED = ("resume", "out", "workers", "device", "stop_after", "overlays", "save_every")
+_CSCPA_ONLY = ("fpa", "epa", "pal", "masking", "threshold", "unsup_weight", "reliability", "patch_size", "mask_ratio",
+               "keep_hard", "fpa_eval", "epa_gate", "pretrain_epochs")
+
+
 @dataclass(frozen=True)
 class Unit:
     fold: int
@@ -63,15 +70,24 @@ class Unit:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: --method (train_busi's) must not pass for --methods (ours)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--data", required=True, help="dataset folder (or 'phantom'), as for train_busi.py")
     p.add_argument("--split", default=None, help="split file (default: made once in --out/splits.json)")
     p.add_argument("--folds", default="all", help="'all' or a comma-separated list of fold indices (default %(default)s)")
     p.add_argument("--labeled", default="1/8", choices=["1/2", "1/4", "1/8"], help="labeled fraction (default %(default)s)")
+    p.add_argument("--methods", default="suponly,cscpa",
+                   help="the methods to train now, comma-separated; the summary always covers every finished unit, so "
+                        "two processes can train the two methods side by side into the same --out (default %(default)s)")
     p.add_argument("--out", required=True, help="study folder: one sub-folder per method and fold")
     p.add_argument("--json", default=None, help="write the study's JSON here too (default: only --out/study.json)")
     p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples for the CI (default %(default)s)")
     args, rest = p.parse_known_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    if not methods or any(m not in METHODS for m in methods):
+        p.error(f"--methods must list some of {', '.join(METHODS)}, got {args.methods!r}")
+    args.methods = [m for m in METHODS if m in methods]
     for flag in rest:
         if flag.split("=")[0] in _OWN:
             p.error(f"{flag} is set by the study itself; remove it")
@@ -91,7 +107,7 @@ def check_same_settings(unit: Unit, out: Path, args: argparse.Namespace, rest: l
     wanted = dataclasses.asdict(train_busi.config_for(unit_args, unit.method, unit.fold))
     saved = json.loads((unit.directory(out) / "results.json").read_text())["config"]
     for key, value in wanted.items():
-        if key in ("resume", "out", "workers", "device") or key not in saved:
+        if key in _NOT_COMPARED or key not in saved or (unit.method == "suponly" and key in _CSCPA_ONLY):
             continue
         if saved[key] != value:
             raise SystemExit(
@@ -220,11 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(not 0 <= f < fold_count for f in folds):
             raise SystemExit(f"--folds must lie in [0, {fold_count - 1}] for {split}, got {args.folds}")
     units = [Unit(fold, method) for fold in folds for method in METHODS]
+    todo = [unit for unit in units if unit.method in args.methods]
     started = time.perf_counter()
     record = {"command": ["examples/study.py", *(argv if argv is not None else sys.argv[1:])], "train_args": rest,
               "labeled": args.labeled, "data": args.data, "split": str(split)}
-    for number, unit in enumerate(units, 1):
-        label = f"[study] unit {number}/{len(units)}: fold {unit.fold} {NAMES[unit.method]}"
+    for number, unit in enumerate(todo, 1):
+        label = f"[study] unit {number}/{len(todo)}: fold {unit.fold} {NAMES[unit.method]}"
         if (unit.directory(out) / "results.json").exists():
             check_same_settings(unit, out, args, rest, split)
             print(f"{label}: finished earlier, not retrained", flush=True)

@@ -60,9 +60,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Sized for 2 CPU cores: one method on one fold of busi-dev in at most about 30 minutes
     # (docs/training.md gives the measured times). Chosen on fold 0's val split of busi-dev.
     "cpu": {
-        "backbone": "efficientnet_lite0", "output_stride": 16, "resize": 192, "crop": 160, "epochs": 20,
-        "pretrain_epochs": 5, "iters_per_epoch": 25, "batch": 4, "lr": 0.003, "precise_bn": 10, "workers": 0,
-        "epa_gate": True,
+        "backbone": "efficientnet_lite0", "output_stride": 16, "head_channels": 128, "resize": 192, "crop": 160,
+        "epochs": 32, "pretrain_epochs": 12, "iters_per_epoch": 25, "batch": 4, "lr": 0.01, "precise_bn": 10,
+        "workers": 0, "epa_gate": True,
     },
 }
 

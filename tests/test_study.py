@@ -115,3 +115,18 @@ def test_statistics_against_scipy_and_by_hand() -> None:
     assert study.bootstrap_ci(diffs, 4000) == (low, high)  # seeded
     assert np.isnan(study.wilcoxon_p(np.zeros(5)))
     assert all(np.isnan(study.bootstrap_ci(np.zeros(0), 10)))
+
+
+@pytest.mark.slow
+def test_methods_side_by_side_and_cscpa_settings_leave_suponly_units_valid(tmp_path: Path) -> None:
+    base = ["--data", "phantom", "--folds", "0", "--out", str(tmp_path), "--bootstrap", "100", *TINY]
+    assert study.main([*base, "--methods", "suponly"]) == 0
+    assert not (tmp_path / "cscpa").exists()
+    partial = json.loads((tmp_path / "study.json").read_text())
+    assert partial["units_finished"] == 1 and partial["units_total"] == 2
+    # another tau changes nothing SupOnly computes: its unit stays, CSC-PA trains
+    assert study.main([*base, "--threshold", "0.9"]) == 0
+    document = json.loads((tmp_path / "study.json").read_text())
+    assert document["units_finished"] == 2 and document["config"]["cscpa"]["threshold"] == 0.9
+    with pytest.raises(SystemExit):
+        study.parse_args([*base, "--methods", "fixmatch"])
