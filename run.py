@@ -23,13 +23,21 @@ VENV = Path(os.environ.get("CSCPA_VENV", ROOT / ".venv"))
 EXTRAS = {"main": "examples", "test": "test,examples"}
 # The main job: SupOnly against CSC-PA at 1/8 labels on the synthetic phantom, sized for a
 # 2-core CPU (about 7 minutes): ResNet-18 from random weights (no download), 128 px images,
-# 96 px crops, 10 short epochs. Arguments after `main` override any of these.
-MAIN_JOB = [
-    "examples/train_busi.py", "--method", "both", "--data", "phantom", "--labeled", "1/8",
+# 96 px crops, 10 short epochs. Arguments after `main` override any of these; with `--preset`
+# among them, MAIN_SETTINGS are left out so that the preset's values apply.
+MAIN_BASE = ["examples/train_busi.py", "--method", "both", "--data", "phantom", "--labeled", "1/8", "--workers", "0",
+             "--out", "runs/quickstart"]
+MAIN_SETTINGS = [
     "--backbone", "resnet18", "--output-stride", "16", "--no-pretrained", "--resize", "128", "--crop", "96",
     "--epochs", "10", "--pretrain-epochs", "3", "--iters-per-epoch", "20", "--batch", "4", "--lr", "0.01",
-    "--workers", "0", "--out", "runs/quickstart",
 ]
+MAIN_JOB = MAIN_BASE + MAIN_SETTINGS
+
+
+def main_job(rest: list[str]) -> list[str]:
+    """The trainer's command line for ``run.py main REST``."""
+    preset = any(arg == "--preset" or arg.startswith("--preset=") for arg in rest)
+    return [*(MAIN_BASE if preset else MAIN_JOB), *rest]
 
 
 def venv_python() -> Path:
@@ -75,7 +83,7 @@ def main(argv: list[str]) -> int:
         return 1
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if command == "main":
-        return subprocess.call([str(python), *MAIN_JOB, *rest], cwd=ROOT, env=env)
+        return subprocess.call([str(python), *main_job(rest)], cwd=ROOT, env=env)
     status = subprocess.call([str(python), "-m", "mypy", "cscpa_layers", "examples"], cwd=ROOT, env=env)
     if status != 0:
         return status
