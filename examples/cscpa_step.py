@@ -43,7 +43,11 @@ class SegmentationOutputs(Protocol):
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; nothing was stepped."""
+    """The loss became NaN or inf; that stage's optimiser step was not taken.
+
+    In a CSC-PA iteration (`CSCPAStep.train_step`) a non-finite stage-2 loss leaves stage 1's
+    step applied (its loss was finite) and puts the edge container's stored bank back as it was
+    before this iteration's update; the message says so."""
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,9 @@ def labels_at(labels: Tensor, size: tuple[int, ...]) -> Tensor:
     return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
 
-def _finite(loss: Tensor, where: str) -> Tensor:
+def _finite(loss: Tensor, where: str, applied: str = "") -> Tensor:
     if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"the {where} loss is {loss.item()}; no step was taken")
+        raise NonFiniteLossError(f"the {where} loss is {loss.item()}; its step was not taken{applied}")
     return loss
 
 
@@ -240,7 +244,9 @@ class CSCPAStep:
 
         # The container update stays in the graph, so stage 2's loss trains its mixer.
         bank = None
+        stored = None
         if self.container is not None and candidates is not None:
+            stored = (self.container.bank.detach().clone(), self.container.initialized.clone())
             bank = self.container.update(candidates, generator=generator)
 
         # Stage 2: forward [x_l, x_m]; L2 = CE_l + CE_u + PAL_l + PAL_u.
@@ -261,7 +267,13 @@ class CSCPAStep:
                 target_features=target_features,
             )
             loss = loss + options.pal_weight * (pal_l + options.unsup_weight * pal_u)
-        self._step(_finite(loss, "stage-2"))
+        if not torch.isfinite(loss):
+            if stored is not None and self.container is not None:  # undo the update; keep stage 1's step
+                with torch.no_grad():
+                    self.container.bank.copy_(stored[0])
+                    self.container.initialized.copy_(stored[1])
+            _finite(loss, "stage-2", " (stage 1's step of this iteration was applied; the edge bank is as before it)")
+        self._step(loss)
         return StepStats(
             loss.item(),
             ce_l.item(),

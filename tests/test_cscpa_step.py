@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import os
 import subprocess
 import sys
@@ -103,6 +105,36 @@ def test_non_finite_loss_raises_before_any_step() -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
+def test_a_real_stage_2_nan_keeps_stage_1s_step_and_restores_the_bank() -> None:
+    """A NaN mixer weight poisons only the in-graph bank of stage 2 (stage 1 uses the stored
+    bank): stage 1 steps, stage 2 does not, and the stored bank is as it was."""
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    step = CSCPAStep(net, optimizer, container=net.epa.container, options=CSCPAOptions(patch_size=4, edge_samples=16))
+    x_l, y_l, x_u = _batch()
+    _, edges = step.pretrain_step(x_l, y_l, x_u)
+    net.epa.container.initialize(edges)
+    with torch.no_grad():
+        net.epa.container.mixer.weight[0, 0] = float("nan")
+    bank = net.epa.container.bank.clone()
+    head = net.head.weight.detach().clone()
+    stage_1_steps = []
+    original_step = optimizer.step
+
+    def counting_step(*args: object, **kwargs: object) -> object:
+        stage_1_steps.append(1)
+        return original_step(*args, **kwargs)  # type: ignore[arg-type]
+
+    optimizer.step = counting_step  # type: ignore[method-assign]
+    with pytest.raises(NonFiniteLossError, match=r"stage-2 loss is nan; its step was not taken \(stage 1's step"):
+        step.train_step(x_l, y_l, x_u, epoch=0, epochs=4, generator=torch.Generator().manual_seed(0))
+    assert len(stage_1_steps) == 1  # stage 1 stepped, stage 2 did not
+    assert not torch.equal(net.head.weight, head)
+    assert all(torch.isfinite(p).all() for name, p in net.named_parameters() if "mixer" not in name)
+    assert torch.equal(net.epa.container.bank, bank)  # the update was undone
+
+
 def test_labels_at_keeps_ignored_pixels_and_classes() -> None:
     labels = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [255, 255, 1, 1], [255, 255, 1, 1]]])
     assert labels_at(labels, (2, 2)).tolist() == [[[0, 1], [255, 1]]]
@@ -181,3 +213,23 @@ def test_custom_network_example_runs() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "pre-train   2" in result.stdout and "cscpa   3" in result.stdout
     assert "val Dice" in result.stdout
+
+
+def test_float16_autocast_with_a_grad_scaler_trains() -> None:
+    """The fp16 path (autocast + GradScaler) through pre-training, CSC-PA and SupOnly steps.
+    On CPU float16 kernels are slow, so a tiny network stands in; --amp fp16 is meant for CUDA."""
+    torch.manual_seed(0)
+    net = Net()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    step = CSCPAStep(net, torch.optim.SGD(net.parameters(), lr=0.1), container=net.epa.container,
+                     options=CSCPAOptions(patch_size=4, edge_samples=16), scaler=scaler,
+                     autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
+    x_l, y_l, x_u = _batch()
+    before = net.head.weight.detach().clone()
+    _, edges = step.pretrain_step(x_l, y_l, x_u)
+    net.epa.container.initialize(edges)
+    stats = step.train_step(x_l, y_l, x_u, epoch=0, epochs=4, generator=torch.Generator().manual_seed(0))
+    sup = step.supervised_step(x_l, y_l)
+    assert all(math.isfinite(v) for v in (*stats[:7], sup.loss))
+    assert scaler.get_scale() > 0 and not torch.equal(net.head.weight, before)
+    assert net.head.weight.dtype == torch.float32  # master weights stay float32

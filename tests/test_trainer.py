@@ -109,7 +109,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     def failing(self: CSCPAStep, *args: object, **kwargs: object) -> object:
         calls["n"] += 1
         if calls["n"] == 2:
-            raise NonFiniteLossError("the stage-2 loss is nan; no step was taken")
+            raise NonFiniteLossError("the stage-2 loss is nan; its step was not taken")
         return original(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(CSCPAStep, "train_step", failing)
