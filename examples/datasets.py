@@ -26,6 +26,7 @@ it leaves out.
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import tv_tensors
+from tqdm import tqdm
 
 from examples.dataset_base import SegmentationDataset, Transform, natural_key
 from examples.samples import RawSample
@@ -125,9 +127,12 @@ class _FolderDataset(SegmentationDataset):
     def _finish(self, records: list[tuple[str, str, _Record]], *, verify: bool, skip_bad: bool,
                 what: str) -> None:
         kept: list[tuple[str, str, _Record]] = []
-        for item_id, label, record in records:
+        decode = verify or skip_bad
+        progress = (tqdm(records, desc=f"checking {len(records)} images and their masks", unit="image", leave=False,
+                         file=sys.stderr) if decode else records)
+        for item_id, label, record in progress:
             try:
-                self._check_record(record, decode=verify or skip_bad)
+                self._check_record(record, decode=decode)
             except DataError as error:
                 if not skip_bad:
                     raise

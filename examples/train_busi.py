@@ -104,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--folds", choices=["all"], default=None,
                    help="'all': run every fold of the split and print the paper's table, mean ± std over folds (same as --fold all)")
     g.add_argument("--labeled", choices=["1/2", "1/4", "1/8"], default=d.labeled, help="labeled fraction (default %(default)s)")
+    g.add_argument("--verify-data", action="store_true",
+                   help="decode every image and mask once before training (a progress bar), so a corrupt file stops the "
+                        "run at the start with its name instead of in the middle")
     g.add_argument("--include-normal", action="store_true", help="BUSI: also use normal/ (the paper uses abnormal images only)")
     g.add_argument("--phantom-images", type=int, default=d.phantom_images, help="phantom: number of images (default %(default)s)")
     g = p.add_argument_group("model and schedule")
@@ -176,7 +179,8 @@ def config_for(args: argparse.Namespace, method: str, fold: int) -> TrainConfig:
 def open_dataset(args: argparse.Namespace) -> Any:
     try:
         # The phantom's content is fixed (seed 0); --seed changes the training, not the data.
-        return build_dataset(args.data, include_normal=args.include_normal, phantom_count=args.phantom_images)
+        return build_dataset(args.data, include_normal=args.include_normal, phantom_count=args.phantom_images,
+                             verify=getattr(args, "verify_data", False))
     except (DataError, FileNotFoundError) as error:
         raise SystemExit(f"--data {args.data!r}: {error}") from error
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from examples.checkpoint import StopRequest, rng_state, save_atomic, set_rng_state
+from examples.datasets import DataError
 from examples.cscpa_step import CSCPAOptions, CSCPAStep, NonFiniteLossError, StepStats
 from examples.evaluate import Evaluation, evaluate
 from examples.samples import collate_samples
@@ -400,30 +401,37 @@ class FoldTrainer:
                     desc=f"fold {cfg.fold} {phase} epoch {epoch + 1}/{cfg.epochs}", disable=not self.dist.main,
                     leave=False, dynamic_ncols=True, file=sys.stderr,
                 )
-                for labeled, unlabeled in self._batches(epoch):
-                    try:
-                        self.last_stats = self._one_step(epoch, labeled, unlabeled)
-                    except NonFiniteLossError as error:
-                        bar.close()
-                        raise SystemExit(
-                            f"stopped: {error} at iteration {self.iteration} (epoch {epoch + 1}). The last good "
-                            f"checkpoint is kept at {self.last_path}; lower --lr or try --amp none, then --resume."
-                        ) from error
-                    self.scheduler.step()
-                    self.iteration += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{self.last_stats.loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
-                                    val_dice=f"{last_val:.4f}")
-                    if self.dist.any(bool(stop) or self.iteration == cfg.stop_after):
-                        bar.close()
-                        self.save()  # epochs_ended tells a resumed run whether this epoch's end is still due
-                        cause = f"signal {stop.signal}" if stop else "--stop-after"
-                        raise SystemExit(
-                            f"stopped by {cause} at iteration {self.iteration}; state saved to "
-                            f"{self.last_path}. Continue with the same command and --resume."
-                        )
-                    if cfg.save_every and self.iteration % cfg.save_every == 0 and self.iteration % self.iters_per_epoch:
-                        self.save()
+                try:
+                    for labeled, unlabeled in self._batches(epoch):
+                        try:
+                            self.last_stats = self._one_step(epoch, labeled, unlabeled)
+                        except NonFiniteLossError as error:
+                            bar.close()
+                            raise SystemExit(
+                                f"stopped: {error} at iteration {self.iteration} (epoch {epoch + 1}). The last good "
+                                f"checkpoint is kept at {self.last_path}; lower --lr or try --amp none, then --resume."
+                            ) from error
+                        self.scheduler.step()
+                        self.iteration += 1
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{self.last_stats.loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                                        val_dice=f"{last_val:.4f}")
+                        if self.dist.any(bool(stop) or self.iteration == cfg.stop_after):
+                            bar.close()
+                            self.save()  # epochs_ended tells a resumed run whether this epoch's end is still due
+                            cause = f"signal {stop.signal}" if stop else "--stop-after"
+                            raise SystemExit(
+                                f"stopped by {cause} at iteration {self.iteration}; state saved to "
+                                f"{self.last_path}. Continue with the same command and --resume."
+                            )
+                        if cfg.save_every and self.iteration % cfg.save_every == 0 and self.iteration % self.iters_per_epoch:
+                            self.save()
+                except DataError as error:  # a file that fails to decode when its turn comes
+                    bar.close()
+                    raise SystemExit(
+                        f"stopped at iteration {self.iteration} (epoch {epoch + 1}): {error}. Fix or remove the "
+                        f"file, then --resume from {self.last_path}; --verify-data checks every file before training."
+                    ) from error
                 bar.close()
                 last_val = self._end_epoch(epoch, self.last_stats, log)
         return self._finish(time.perf_counter() - start_time, log)

@@ -356,3 +356,23 @@ def test_a_split_without_val_trains_with_select_last(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "last" / "cscpa" / "fold0" / "results.json").read_text())
     assert results["selected_epoch"] == 2 and len(results["history"]) == 2
     assert np.isnan(results["history"][-1]["val_dice"]) and 0.0 <= results["test"]["dice"] <= 1.0
+
+
+@pytest.mark.slow
+def test_a_corrupt_image_is_named_mid_training_and_verify_data_finds_it_first(tmp_path: Path) -> None:
+    from tests._data_trees import make_paired_tree, truncate
+
+    root = tmp_path / "folder"
+    make_paired_tree(root, count=30)
+    args = [*TINY, "--data", str(root), "--method", "suponly", "--epochs", "1", "--iters-per-epoch", "3",
+            "--batch", "4", "--out", str(tmp_path / "out")]
+    from examples.make_splits import main as make_splits
+
+    assert make_splits([str(root), "--out", str(tmp_path / "out" / "splits.json"), "--quiet"]) == 0
+    split = json.loads((tmp_path / "out" / "splits.json").read_text())["folds"][0]
+    bad = sorted(split["labeled"]["1/8"])[0]  # a labeled image: the first batches read it
+    truncate(root / "images" / Path(bad).name)
+    with pytest.raises(SystemExit, match=rf"stopped at iteration 0 .*cannot decode .*{Path(bad).name}.*--verify-data"):
+        train_busi.main(args)
+    with pytest.raises(SystemExit, match=rf"cannot decode .*{Path(bad).name}"):
+        train_busi.main([*args, "--verify-data"])
