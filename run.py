@@ -6,13 +6,16 @@
 
 The environment lives in ``.venv`` next to this file (``CSCPA_VENV`` overrides the path). It is
 created on first use and reinstalled only when pyproject.toml or setup.cfg change. Needs
-nothing but Python >= 3.10; PyTorch and the rest come from the package index.
+Python >= 3.10 with its venv module and ensurepip (on Debian and Ubuntu: the python3-venv
+package) and access to the package index (PyPI or a mirror pip is configured for), where
+PyTorch and the rest come from.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -40,6 +43,10 @@ def main_job(rest: list[str]) -> list[str]:
     return [*(MAIN_BASE if preset else MAIN_JOB), *rest]
 
 
+class EnvironmentError_(RuntimeError):
+    """The environment could not be set up; the message says why and what to do."""
+
+
 def venv_python() -> Path:
     return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
@@ -57,13 +64,28 @@ def ensure_environment(extras: str) -> Path:
         return python
     if not python.exists():
         print(f"[run.py] creating virtual environment in {VENV}", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV)
+        try:
+            venv.EnvBuilder(with_pip=True).create(VENV)
+        except (OSError, subprocess.CalledProcessError) as error:
+            shutil.rmtree(VENV, ignore_errors=True)  # no half-made environment left behind
+            raise EnvironmentError_(
+                f"could not create a virtual environment in {VENV} ({error}). Python's venv module needs ensurepip: "
+                "on Debian or Ubuntu install python3-venv (apt install python3-venv); set CSCPA_VENV to put the "
+                "environment elsewhere"
+            ) from error
     print(f"[run.py] installing cscpa_layers[{extras}] into {VENV} (the first time pulls PyTorch)", flush=True)
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", "-e", f".[{extras}]"],
-        cwd=ROOT,
-        check=True,
-    )
+    try:
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", "-e", f".[{extras}]"],
+            cwd=ROOT,
+            check=True,
+        )
+    except subprocess.CalledProcessError as error:
+        raise EnvironmentError_(
+            f"pip could not install cscpa_layers[{extras}] into {VENV} (exit status {error.returncode}; its messages "
+            "are above). It needs the package index (PyPI, or the mirror pip is configured for); run the same "
+            "command again once it is reachable"
+        ) from error
     stamp.write_text("\n".join([*installed, wanted]))
     return python
 
@@ -78,8 +100,8 @@ def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     try:
         python = ensure_environment(EXTRAS[command])
-    except subprocess.CalledProcessError as error:
-        print(f"[run.py] installing the environment failed ({error}); see pip's output above", file=sys.stderr)
+    except EnvironmentError_ as error:
+        print(f"[run.py] {error}", file=sys.stderr)
         return 1
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if command == "main":

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 from examples import train_busi
 
@@ -33,3 +37,36 @@ def test_a_preset_replaces_the_main_jobs_own_settings() -> None:
     for key, value in train_busi.PRESETS["cpu"].items():
         assert getattr(args, key) == value, key
     assert (args.no_pretrained, args.data, args.method, args.out) == (False, "/some/BUSI", "both", "runs/quickstart")
+
+
+def test_a_failed_venv_is_removed_and_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    run = _run_py()
+    target = tmp_path / "venv"
+    monkeypatch.setattr(run, "VENV", target)
+
+    def no_ensurepip(self: object, path: object) -> None:
+        target.mkdir()
+        (target / "half-made").write_text("")
+        raise subprocess.CalledProcessError(1, ["python", "-m", "ensurepip"])
+
+    monkeypatch.setattr(run.venv.EnvBuilder, "create", no_ensurepip)
+    assert run.main(["test"]) == 1
+    message = capsys.readouterr().err
+    assert "could not create a virtual environment" in message and "python3-venv" in message
+    assert not target.exists()
+
+
+def test_a_failed_install_names_the_package_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    run = _run_py()
+    monkeypatch.setattr(run, "VENV", tmp_path / "venv")
+    monkeypatch.setattr(run, "venv_python", lambda: Path(sys.executable))  # "exists": skip creation
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise subprocess.CalledProcessError(1, ["pip", "install"])
+
+    monkeypatch.setattr(run.subprocess, "run", offline)
+    (tmp_path / "venv").mkdir()
+    assert run.main(["test"]) == 1
+    assert "pip could not install cscpa_layers[test,examples]" in capsys.readouterr().err
