@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from examples.checkpoint import StopRequest, rng_state, save_atomic, set_rng_state
+from examples.curves import write_history
 from examples.datasets import DataError
 from examples.cscpa_step import CSCPAOptions, CSCPAStep, NonFiniteLossError, StepStats
 from examples.evaluate import Evaluation, evaluate
@@ -275,6 +276,8 @@ class FoldTrainer:
         self.history: list[dict[str, float]] = []
         self.epochs_ended = 0  # epochs whose end (validation, checkpoint) has run
         self.last_stats: StepStats | None = None
+        self.epoch_totals: dict[str, float] = {}  # sums of this epoch's StepStats, for the epoch means
+        self.epoch_count = 0
         self.pretrain_edges: list[torch.Tensor] = []
         self.labeled_stream = IndexStream(len(data.labeled), seed=config.seed, tag=f"labeled-{config.fold}")
         self.unlabeled_stream = IndexStream(len(data.unlabeled), seed=config.seed, tag=f"unlabeled-{config.fold}")
@@ -304,6 +307,8 @@ class FoldTrainer:
             "history": self.history,
             "epochs_ended": self.epochs_ended,
             "last_stats": None if self.last_stats is None else self.last_stats._asdict(),
+            "epoch_totals": self.epoch_totals,
+            "epoch_count": self.epoch_count,
             "pretrain_edges": [e.cpu() for e in self.pretrain_edges],
             "rng": rng_state(),
             "git_sha": git_sha(),
@@ -334,6 +339,7 @@ class FoldTrainer:
         # checkpoints from before this field existed were only written after an epoch's end
         self.epochs_ended = state.get("epochs_ended", self.iteration // self.iters_per_epoch)
         self.last_stats = StepStats(**state["last_stats"]) if state.get("last_stats") else None
+        self.epoch_totals, self.epoch_count = state.get("epoch_totals", {}), state.get("epoch_count", 0)
         self.pretrain_edges = [e.to(self.device) for e in state["pretrain_edges"]]
         set_rng_state(state["rng"])
 
@@ -405,6 +411,9 @@ class FoldTrainer:
                     for labeled, unlabeled in self._batches(epoch):
                         try:
                             self.last_stats = self._one_step(epoch, labeled, unlabeled)
+                            for key, value in self.last_stats._asdict().items():
+                                self.epoch_totals[key] = self.epoch_totals.get(key, 0.0) + float(value)
+                            self.epoch_count += 1
                         except NonFiniteLossError as error:
                             bar.close()
                             raise SystemExit(
@@ -472,6 +481,7 @@ class FoldTrainer:
             record = {"epoch": epoch + 1, "iteration": self.iteration, "val_dice": float("nan"), "val_iou": float("nan")}
             if stats is not None:
                 record.update({f"train_{k}": float(v) for k, v in stats._asdict().items()})
+            record.update(self._epoch_means())
             self.history.append(record)
             log(f"fold {self.config.fold} epoch {epoch + 1}/{self.config.epochs}: no val split"
                 + (f", train loss {stats.loss:.4f}" if stats is not None else ""))
@@ -481,14 +491,21 @@ class FoldTrainer:
             record = {"epoch": epoch + 1, "iteration": self.iteration, "val_dice": result.dice, "val_iou": result.iou}
             if stats is not None:
                 record.update({f"train_{k}": float(v) for k, v in stats._asdict().items()})
+            record.update(self._epoch_means())
             self.history.append(record)
             if result.dice > self.best_val:
                 self.best_val, self.best_epoch = result.dice, epoch + 1
                 save_atomic({"config": dataclasses.asdict(self.config), "model": self.raw_model.state_dict(), "epoch": epoch + 1, "val_dice": result.dice}, self.best_path)
             log(f"fold {self.config.fold} epoch {epoch + 1}/{self.config.epochs}: val Dice {result.dice:.4f} IoU {result.iou:.4f}"
                 + (f", train loss {stats.loss:.4f}" if stats is not None else ""))
+        self.epoch_totals, self.epoch_count = {}, 0
+        if self.dist.main:
+            write_history(self.history, self.out_dir, title=f"{self.config.method} fold {self.config.fold}")
         self.dist.barrier()
         return val_dice
+
+    def _epoch_means(self) -> dict[str, float]:
+        return {f"mean_{k}": v / self.epoch_count for k, v in self.epoch_totals.items()} if self.epoch_count else {}
 
     def _finish(self, seconds: float, log: Callable[[str], None]) -> FoldResult:
         cfg = self.config

@@ -376,3 +376,24 @@ def test_a_corrupt_image_is_named_mid_training_and_verify_data_finds_it_first(tm
         train_busi.main(args)
     with pytest.raises(SystemExit, match=rf"cannot decode .*{Path(bad).name}"):
         train_busi.main([*args, "--verify-data"])
+
+
+def test_every_run_writes_metrics_csv_and_curves_png(both_methods: Path) -> None:
+    import csv
+
+    from examples.curves import COLUMNS
+
+    for method in ("suponly", "cscpa"):
+        fold = both_methods / method / "fold0"
+        with open(fold / "metrics.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert list(rows[0]) == list(COLUMNS) and [int(r["epoch"]) for r in rows] == [1, 2]
+        results = json.loads((fold / "results.json").read_text())
+        for row, record in zip(rows, results["history"]):
+            assert float(row["val_dice"]) == pytest.approx(record["val_dice"])
+            assert float(row["mean_ce_labeled"]) > 0 and float(row["mean_loss"]) > 0
+        png = (fold / "curves.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # CSC-PA's stage-2 epoch logs the pseudo-label terms
+    cscpa = json.loads((both_methods / "cscpa" / "fold0" / "results.json").read_text())["history"]
+    assert cscpa[-1]["mean_pseudo_valid"] > 0 and "mean_ce_unlabeled" in cscpa[-1]
