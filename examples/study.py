@@ -39,6 +39,7 @@ import csv  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import shutil  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
@@ -82,6 +83,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
                         "two processes can train the two methods side by side into the same --out (default %(default)s)")
     p.add_argument("--out", required=True, help="study folder: one sub-folder per method and fold")
     p.add_argument("--json", default=None, help="write the study's JSON here too (default: only --out/study.json)")
+    p.add_argument("--no-figures", dest="figures", action="store_false",
+                   help="skip the per-image scatter plot and the grid of the largest differences (written next to "
+                        "study.json and --json after every unit once a fold has both methods)")
     p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples for the CI (default %(default)s)")
     args, rest = p.parse_known_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -167,6 +171,7 @@ def summarise(out: Path, units: list[Unit], resamples: int) -> dict[str, Any]:
             methods[method] = {"folds": len(mine), "dice_mean": float(dice.mean()), "dice_std": float(dice.std()),
                                "iou_mean": float(iou.mean()), "iou_std": float(iou.std())}
     diffs, iou_diffs, paired_folds = [], [], []
+    image_rows: list[dict[str, Any]] = []
     for fold in sorted({u.fold for u in units}):
         a, b = per_image.get((fold, "suponly")), per_image.get((fold, "cscpa"))
         if a is None or b is None:
@@ -177,6 +182,8 @@ def summarise(out: Path, units: list[Unit], resamples: int) -> dict[str, Any]:
         for image in sorted(a):
             diffs.append(b[image][0] - a[image][0])
             iou_diffs.append(b[image][1] - a[image][1])
+            image_rows.append({"fold": fold, "id": image, "suponly_dice": a[image][0], "cscpa_dice": b[image][0],
+                              "suponly_iou": a[image][1], "cscpa_iou": b[image][1]})
     d = np.array(diffs)
     low, high = bootstrap_ci(d, resamples)
     paired = {
@@ -190,7 +197,7 @@ def summarise(out: Path, units: list[Unit], resamples: int) -> dict[str, Any]:
         "worse": int((d < 0).sum()),
         "tied": int((d == 0).sum()),
     }
-    return {"folds": folds, "methods": methods, "paired": paired}
+    return {"folds": folds, "methods": methods, "paired": paired, "per_image": image_rows}
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -274,10 +281,27 @@ def write(out: Path, args: argparse.Namespace, units: list[Unit], record: dict[s
     text = json.dumps(document, indent=2) + "\n"
     (out / "study.json").write_text(text)
     (out / "study.md").write_text(table(summary) + "\n")
+    targets = [out / "study"]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text)
+        targets.append(Path(args.json).with_suffix(""))
+    if summary["per_image"] and args.figures:
+        figures(out, summary, targets)
     return summary
+
+
+def figures(out: Path, summary: dict[str, Any], targets: list[Path]) -> None:
+    """``<target>-per-image.png`` and ``<target>-differences.png`` for each target stem."""
+    from examples.study_figures import difference_grid, per_image_scatter
+
+    pairs = [(r["fold"], r["id"], r["suponly_dice"], r["cscpa_dice"]) for r in summary["per_image"]]
+    first = targets[0]
+    per_image_scatter(pairs, first.with_name(first.name + "-per-image.png"))
+    difference_grid(out, pairs, first.with_name(first.name + "-differences.png"))
+    for target in targets[1:]:
+        for suffix in ("-per-image.png", "-differences.png"):
+            shutil.copyfile(first.with_name(first.name + suffix), target.with_name(target.name + suffix))
 
 
 if __name__ == "__main__":

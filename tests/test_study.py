@@ -42,6 +42,11 @@ def test_study_writes_the_promised_json(finished: Path) -> None:
     assert paired["better"] + paired["worse"] + paired["tied"] == paired["images"]
     assert document["config"]["cscpa"]["method"] == "cscpa" and len(document["git_sha"]) >= 7
     assert document["units_finished"] == document["units_total"] == 4
+    assert len(document["per_image"]) == paired["images"]
+    for stem in (finished / "study", finished / "copy"):
+        for suffix in ("-per-image.png", "-differences.png"):
+            png = stem.with_name(stem.name + suffix).read_bytes()
+            assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, suffix
     # the paired mean is the mean over images of the per-image differences in the units' CSVs
     diffs = []
     for fold in (0, 1):

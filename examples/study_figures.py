@@ -1,0 +1,127 @@
+"""Pictures of a paired study (examples/study.py): where CSC-PA wins and loses against SupOnly.
+
+- :func:`per_image_scatter`: every test image of every paired fold, SupOnly's Dice against
+  CSC-PA's; points above the diagonal are images CSC-PA segments better.
+- :func:`difference_grid`: the test images where the two differ most, each as image (ground
+  truth outlined), SupOnly's prediction and CSC-PA's, from the checkpoints each unit selected
+  (``best.pt``, or ``last.pt`` with ``--select last``).
+
+Both need matplotlib (the ``examples`` extra).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["difference_grid", "per_image_scatter"]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def per_image_scatter(pairs: Sequence[tuple[int, str, float, float]], path: Path, *, title: str = "") -> None:
+    """``pairs``: (fold, image id, SupOnly Dice, CSC-PA Dice) in [0, 1]; one point each, by fold."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5.2, 5), constrained_layout=True)
+    folds = sorted({p[0] for p in pairs})
+    for fold in folds:
+        mine = [p for p in pairs if p[0] == fold]
+        axis.scatter([100 * p[2] for p in mine], [100 * p[3] for p in mine], s=14, alpha=0.7, label=f"fold {fold}")
+    axis.plot([0, 100], [0, 100], color="0.5", lw=1, ls="--")
+    axis.set_xlim(-2, 102)
+    axis.set_ylim(-2, 102)
+    axis.set_aspect("equal")
+    axis.set_xlabel("SupOnly Dice % (per test image)")
+    axis.set_ylabel("CSC-PA Dice % (per test image)")
+    better = sum(p[3] > p[2] for p in pairs)
+    worse = sum(p[3] < p[2] for p in pairs)
+    axis.set_title(title or f"{len(pairs)} images: CSC-PA better on {better}, worse on {worse}", fontsize=10)
+    if len(folds) > 1:
+        axis.legend(fontsize=8, loc="lower right")
+    axis.grid(alpha=0.3)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _selected_checkpoint(unit_dir: Path) -> Path:
+    best = unit_dir / "best.pt"
+    return best if best.exists() else unit_dir / "last.pt"
+
+
+def _predictions(unit_dir: Path, samples: list[Any], device: torch.device) -> list[np.ndarray]:
+    from examples.evaluate import predict_full
+    from examples.predict import load_model
+
+    model, _ = load_model(_selected_checkpoint(unit_dir), device)
+    with torch.no_grad():
+        return [predict_full(model, s.image.to(device), tuple(s.full_mask.shape)).cpu().numpy() for s in samples]
+
+
+def difference_grid(study_dir: Path, pairs: Sequence[tuple[int, str, float, float]], path: Path, *,
+                    count: int = 6, device: torch.device | str = "cpu") -> list[tuple[int, str, float, float]]:
+    """The ``count`` test images with the largest |CSC-PA − SupOnly| Dice, as rows of (image
+    with the ground truth outlined, SupOnly's prediction, CSC-PA's prediction). Returns the
+    rows shown. The images and masks are read back through each unit's stored configuration."""
+    from examples.evaluate import overlay_picture
+    from examples.predict import read_checkpoint
+    from examples.train_busi import fold_data, open_dataset
+    from examples.trainer import TrainConfig
+    from examples.transforms import denormalize
+
+    plt = _pyplot()
+    device = torch.device(device)
+    chosen = sorted(pairs, key=lambda p: -abs(p[3] - p[2]))[:count]
+    rows: list[tuple[int, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    for fold in sorted({p[0] for p in chosen}):
+        ids = [p[1] for p in chosen if p[0] == fold]
+        unit = {m: study_dir / m / f"fold{fold}" for m in ("suponly", "cscpa")}
+        state = read_checkpoint(_selected_checkpoint(unit["cscpa"]))
+        fields = set(TrainConfig.__dataclass_fields__)
+        config = TrainConfig(**{k: v for k, v in state["config"].items() if k in fields})
+        args = _namespace(config)
+        data = fold_data(open_dataset(args), Path(config.split or study_dir / "splits.json"), fold, args)
+        samples = [data.test[data.test.index_of(i)] for i in ids]
+        predicted = {m: _predictions(d, samples, device) for m, d in unit.items()}
+        for k, sample in enumerate(samples):
+            picture = (denormalize(sample.image) * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+            full = torch.nn.functional.interpolate(
+                torch.from_numpy(picture).permute(2, 0, 1)[None].float(), size=tuple(sample.full_mask.shape),
+                mode="bilinear", align_corners=False)[0].permute(1, 2, 0).clamp(0, 255).byte().numpy()
+            truth = sample.full_mask.numpy()
+            rows.append((fold, sample.id, full, truth, predicted["suponly"][k], predicted["cscpa"][k]))
+    order = {(p[0], p[1]): i for i, p in enumerate(chosen)}
+    rows.sort(key=lambda r: order[(r[0], r[1])])
+    figure, axes = plt.subplots(len(rows), 3, figsize=(8, 2.7 * len(rows)), squeeze=False, constrained_layout=True)
+    scores = {(p[0], p[1]): p for p in chosen}
+    for axis_row, (fold, item, picture, truth, sup, csc) in zip(axes, rows):
+        p = scores[(fold, item)]
+        panels = [(overlay_picture(picture, np.zeros_like(truth), truth), f"fold {fold}: {Path(item).name}\nground truth"),
+                  (overlay_picture(picture, sup, truth), f"SupOnly  Dice {100 * p[2]:.1f}"),
+                  (overlay_picture(picture, csc, truth), f"CSC-PA  Dice {100 * p[3]:.1f}")]
+        for axis, (panel, label) in zip(axis_row, panels):
+            axis.imshow(panel)
+            axis.set_title(label, fontsize=8)
+            axis.axis("off")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return list(chosen)
+
+
+def _namespace(config: Any) -> Any:
+    """The few argparse fields that :func:`examples.train_busi.fold_data` and ``open_dataset`` read."""
+    import argparse
+
+    return argparse.Namespace(data=config.data, include_normal=config.include_normal,
+                              phantom_images=config.phantom_images, labeled=config.labeled, crop=config.crop,
+                              resize=config.resize, eval_size=config.eval_size, select=config.select,
+                              verify_data=False)
