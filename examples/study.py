@@ -7,7 +7,8 @@ Every (fold, method) pair is one unit, trained by ``examples/train_busi.py`` int
 ``--out/<method>/fold<k>/``. Units are resumable: a unit whose ``results.json`` exists is not
 retrained, and an interrupted one continues from its ``last.pt`` (Ctrl-C or SIGTERM saves it).
 Run the same command again to continue a study. A progress line says which unit runs, and how
-long each took.
+long each took. Several study processes may share one ``--out`` (for example one per core with
+``OMP_NUM_THREADS=1``): a lock file per unit keeps them on different units.
 
 Arguments that the study does not know go to ``train_busi.py`` unchanged (``--backbone``,
 ``--epochs``, ...); the default is ``--preset cpu``, the protocol sized for a 2-core CPU
@@ -39,6 +40,7 @@ import csv  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -103,6 +105,40 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
 def train_argv(args: argparse.Namespace, rest: list[str], unit: Unit, split: Path) -> list[str]:
     return [*rest, "--data", args.data, "--split", str(split), "--labeled", args.labeled, "--method", unit.method,
             "--fold", str(unit.fold), "--out", args.out, "--resume"]
+
+
+def claim(unit_dir: Path) -> Path | None:
+    """Take the unit's lock file (``.study-lock`` holding our pid), or None when a live process
+    holds it. Several study processes can then share one --out: each trains the units no other
+    one is on. A lock left by a process that died is taken over."""
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    lock = unit_dir / ".study-lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text().strip() or "0")
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _alive(holder):
+                return None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        return lock
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_same_settings(unit: Unit, out: Path, args: argparse.Namespace, rest: list[str], split: Path) -> None:
@@ -253,10 +289,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_same_settings(unit, out, args, rest, split)
             print(f"{label}: finished earlier, not retrained", flush=True)
             continue
+        lock = claim(unit.directory(out))
+        if lock is None:
+            print(f"{label}: being trained by another study process, skipped", flush=True)
+            continue
         resumed = (unit.directory(out) / "last.pt").exists()
         print(f"{label}: {'resuming from last.pt' if resumed else 'training'} in {unit.directory(out)}", flush=True)
         t0 = time.perf_counter()
-        status = train_busi.main(train_argv(args, rest, unit, split))
+        try:
+            status = train_busi.main(train_argv(args, rest, unit, split))
+        finally:
+            lock.unlink(missing_ok=True)
         if status:
             return status
         result = json.loads((unit.directory(out) / "results.json").read_text())

@@ -135,3 +135,22 @@ def test_methods_side_by_side_and_cscpa_settings_leave_suponly_units_valid(tmp_p
     assert document["units_finished"] == 2 and document["config"]["cscpa"]["threshold"] == 0.9
     with pytest.raises(SystemExit):
         study.parse_args([*base, "--methods", "fixmatch"])
+
+
+def test_a_unit_held_by_a_live_process_is_skipped_and_a_stale_lock_is_taken(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    unit = tmp_path / "cscpa" / "fold0"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        unit.mkdir(parents=True)
+        (unit / ".study-lock").write_text(str(sleeper.pid))
+        assert study.claim(unit) is None  # a live holder
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock = study.claim(unit)  # its process is gone: the lock is ours now
+    assert lock is not None and lock.read_text() == str(os.getpid())
+    assert study.claim(unit) is not None  # our own lock does not block us
