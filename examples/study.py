@@ -88,6 +88,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     p.add_argument("--no-figures", dest="figures", action="store_false",
                    help="skip the per-image scatter plot and the grid of the largest differences (written next to "
                         "study.json and --json after every unit once a fold has both methods)")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: write study.json, study.md and the figures from the units finished so far")
     p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples for the CI (default %(default)s)")
     args, rest = p.parse_known_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -149,11 +151,20 @@ def check_same_settings(unit: Unit, out: Path, args: argparse.Namespace, rest: l
     for key, value in wanted.items():
         if key in _NOT_COMPARED or key not in saved or (unit.method == "suponly" and key in _CSCPA_ONLY):
             continue
+        if key == "split" and _same_file_content(saved[key], value):
+            continue  # the same split, copied or moved
         if saved[key] != value:
             raise SystemExit(
                 f"{unit.directory(out)} was trained with {key}={saved[key]!r}, this study asks for {key}={value!r}; "
                 "use another --out, or the settings of the study that made it"
             )
+
+
+def _same_file_content(a: Any, b: Any) -> bool:
+    try:
+        return a is not None and b is not None and Path(a).read_bytes() == Path(b).read_bytes()
+    except OSError:
+        return False
 
 
 def read_scores(path: Path) -> dict[str, tuple[float, float]]:
@@ -279,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(not 0 <= f < fold_count for f in folds):
             raise SystemExit(f"--folds must lie in [0, {fold_count - 1}] for {split}, got {args.folds}")
     units = [Unit(fold, method) for fold in folds for method in METHODS]
-    todo = [unit for unit in units if unit.method in args.methods]
+    todo = [] if args.report else [unit for unit in units if unit.method in args.methods]
     started = time.perf_counter()
     record = {"command": ["examples/study.py", *(argv if argv is not None else sys.argv[1:])], "train_args": rest,
               "labeled": args.labeled, "data": args.data, "split": str(split)}

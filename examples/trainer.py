@@ -276,6 +276,7 @@ class FoldTrainer:
         self.history: list[dict[str, float]] = []
         self.epochs_ended = 0  # epochs whose end (validation, checkpoint) has run
         self.last_stats: StepStats | None = None
+        self.git_shas: list[str] = []  # the code of every session that trained this run, in order
         self.epoch_totals: dict[str, float] = {}  # sums of this epoch's StepStats, for the epoch means
         self.epoch_count = 0
         self.pretrain_edges: list[torch.Tensor] = []
@@ -307,6 +308,7 @@ class FoldTrainer:
             "history": self.history,
             "epochs_ended": self.epochs_ended,
             "last_stats": None if self.last_stats is None else self.last_stats._asdict(),
+            "git_shas": self.git_shas,
             "epoch_totals": self.epoch_totals,
             "epoch_count": self.epoch_count,
             "pretrain_edges": [e.cpu() for e in self.pretrain_edges],
@@ -340,6 +342,7 @@ class FoldTrainer:
         self.epochs_ended = state.get("epochs_ended", self.iteration // self.iters_per_epoch)
         self.last_stats = StepStats(**state["last_stats"]) if state.get("last_stats") else None
         self.epoch_totals, self.epoch_count = state.get("epoch_totals", {}), state.get("epoch_count", 0)
+        self.git_shas = list(state.get("git_shas", []))
         self.pretrain_edges = [e.to(self.device) for e in state["pretrain_edges"]]
         set_rng_state(state["rng"])
 
@@ -392,6 +395,9 @@ class FoldTrainer:
             log(f"resumed from {self.last_path} at iteration {self.iteration} (epoch {self.iteration // self.iters_per_epoch})")
         elif cfg.resume:
             log(f"--resume: no checkpoint at {self.last_path}, starting from scratch")
+        sha = git_sha()  # the code this session trains with, read now rather than when results are written
+        if not self.git_shas or self.git_shas[-1] != sha:
+            self.git_shas.append(sha)
         last_val = self.history[-1]["val_dice"] if self.history else float("nan")
         if self.epochs_ended < self.iteration // self.iters_per_epoch:
             # stopped on an epoch's last iteration, before that epoch's end: do it now, exactly
@@ -531,7 +537,8 @@ class FoldTrainer:
             "method": self.config.method,
             "fold": self.config.fold,
             "config": dataclasses.asdict(self.config),
-            "git_sha": git_sha(),
+            "git_sha": self.git_shas[-1] if self.git_shas else git_sha(),
+            "git_shas": self.git_shas,
             "torch": torch.__version__,
             "device": str(self.device),
             "world_size": self.dist.world,

@@ -154,3 +154,17 @@ def test_a_unit_held_by_a_live_process_is_skipped_and_a_stale_lock_is_taken(tmp_
     lock = study.claim(unit)  # its process is gone: the lock is ours now
     assert lock is not None and lock.read_text() == str(os.getpid())
     assert study.claim(unit) is not None  # our own lock does not block us
+
+
+@pytest.mark.slow
+def test_report_trains_nothing_and_a_copied_split_is_the_same_split(finished: Path, tmp_path: Path) -> None:
+    stamp = (finished / "study.json").stat().st_mtime_ns
+    copy = tmp_path / "same-split.json"
+    copy.write_bytes((finished / "splits.json").read_bytes())
+    argv = ["--data", "phantom", "--folds", "0,1", "--out", str(finished), "--split", str(copy), "--bootstrap", "100",
+            "--report", *TINY]
+    assert study.main(argv) == 0
+    assert (finished / "study.json").stat().st_mtime_ns > stamp
+    assert json.loads((finished / "study.json").read_text())["units_finished"] == 4
+    assert study._same_file_content(copy, finished / "splits.json")
+    assert not study._same_file_content(copy, tmp_path / "missing.json")
