@@ -76,7 +76,6 @@ def difference_grid(study_dir: Path, pairs: Sequence[tuple[int, str, float, floa
     from examples.predict import read_checkpoint
     from examples.train_busi import fold_data, open_dataset
     from examples.trainer import TrainConfig
-    from examples.transforms import denormalize
 
     plt = _pyplot()
     device = torch.device(device)
@@ -90,15 +89,13 @@ def difference_grid(study_dir: Path, pairs: Sequence[tuple[int, str, float, floa
         config = TrainConfig(**{k: v for k, v in state["config"].items() if k in fields})
         args = _namespace(config)
         data = fold_data(open_dataset(args), Path(config.split or study_dir / "splits.json"), fold, args)
-        samples = [data.test[data.test.index_of(i)] for i in ids]
+        positions = [data.test.index_of(i) for i in ids]
+        samples = [data.test[p] for p in positions]
         predicted = {m: _predictions(d, samples, device) for m, d in unit.items()}
-        for k, sample in enumerate(samples):
-            picture = (denormalize(sample.image) * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-            full = torch.nn.functional.interpolate(
-                torch.from_numpy(picture).permute(2, 0, 1)[None].float(), size=tuple(sample.full_mask.shape),
-                mode="bilinear", align_corners=False)[0].permute(1, 2, 0).clamp(0, 255).byte().numpy()
+        for k, (position, sample) in enumerate(zip(positions, samples)):
+            picture = data.test.load(position).image.permute(1, 2, 0).numpy()  # (H0, W0, 3) uint8, as on disk
             truth = sample.full_mask.numpy()
-            rows.append((fold, sample.id, full, truth, predicted["suponly"][k], predicted["cscpa"][k]))
+            rows.append((fold, sample.id, picture, truth, predicted["suponly"][k], predicted["cscpa"][k]))
     order = {(p[0], p[1]): i for i, p in enumerate(chosen)}
     rows.sort(key=lambda r: order[(r[0], r[1])])
     figure, axes = plt.subplots(len(rows), 3, figsize=(8, 2.7 * len(rows)), squeeze=False, constrained_layout=True)
