@@ -34,7 +34,7 @@ from torchvision import models
 
 from cscpa_layers import EdgePrototypeAttention, ForegroundPrototypeAttention
 from cscpa_layers._checks import check_floating, check_option, check_positive_int, check_rank
-from examples.encoders import EFFICIENTNET_LITE0, TimmBackbone
+from examples.encoders import EFFICIENTNET_LITE0, TimmBackbone, check_same_tensors
 
 __all__ = ["BACKBONES", "RESNETS", "DeepLabV3Plus", "ResNetBackbone", "SegmentationOutput", "build_backbone",
            "dilate_layer", "imagenet_weights"]
@@ -160,16 +160,7 @@ class ResNetBackbone(nn.Module):
     def load_weights(self, state: dict[str, Tensor], source: str) -> None:
         """Load a torchvision ResNet state_dict (``fc.*`` ignored), naming ``source`` on mismatch."""
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        own = self.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})" for k in own
-                 if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"{source} is not a {self.name} state_dict: {len(missing)} missing keys {missing[:3]}, "
-                f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(wrong)} wrong shapes {wrong[:3]}"
-            )
+        check_same_tensors(state, self.state_dict(), source, f"is not a {self.name} state_dict")
         self.load_state_dict(state)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

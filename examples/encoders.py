@@ -31,6 +31,7 @@ from torch import Tensor, nn
 __all__ = [
     "EFFICIENTNET_LITE0",
     "TimmBackbone",
+    "check_same_tensors",
     "efficientnet_lite0_state_dict",
     "efficientnet_lite0_weights",
     "rename_lukemelas_efficientnet",
@@ -131,18 +132,21 @@ def efficientnet_lite0_state_dict(path: str | Path | None = None) -> dict[str, T
     renamed = rename_lukemelas_efficientnet(state, _lite0_stages())
     own = {k: v for k, v in _timm().create_model(_LITE0_TIMM, pretrained=False).state_dict().items()
            if not k.endswith("num_batches_tracked")}
-    _check_same_tensors(renamed, own, f"{source} (renamed to timm's {_LITE0_TIMM})")
+    check_same_tensors(renamed, own, f"{source} (renamed to timm's {_LITE0_TIMM})")
     return renamed
 
 
-def _check_same_tensors(state: dict[str, Tensor], own: dict[str, Tensor], source: str) -> None:
+def check_same_tensors(state: dict[str, Tensor], own: dict[str, Tensor], source: str,
+                       what: str = "does not fit the encoder") -> None:
+    """Raise a ValueError, ``"{source} {what}: ..."``, unless ``state`` has exactly ``own``'s keys
+    and shapes; the message counts and names the first missing, unexpected and misshapen keys."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})" for k in own
              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
         raise ValueError(
-            f"{source} does not fit the encoder: {len(missing)} missing keys {missing[:3]}, "
+            f"{source} {what}: {len(missing)} missing keys {missing[:3]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(wrong)} wrong shapes {wrong[:3]}"
         )
 
@@ -212,7 +216,7 @@ class TimmBackbone(nn.Module):
         own = {k: v for k, v in self.body.state_dict().items() if k not in counters}
         # features_only drops the head: keep what the body has, but every tensor of it must come.
         kept = {k: v for k, v in state.items() if k in own}
-        _check_same_tensors(kept, own, source)
+        check_same_tensors(kept, own, source)
         self.body.load_state_dict({**counters, **kept})
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

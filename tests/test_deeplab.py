@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import urllib.error
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -15,14 +14,7 @@ from torchvision import models
 from examples.deeplab import BACKBONES, DeepLabV3Plus, ResNetBackbone, SegmentationOutput, dilate_layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny inputs gain nothing from intra-op threads, and on a shared 2-core machine a
-    # 2-thread barrier waiting for a busy core made single forwards take seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small(**kwargs: object) -> DeepLabV3Plus:
