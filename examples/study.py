@@ -355,7 +355,9 @@ def figures(out: Path, summary: dict[str, Any], targets: list[Path]) -> None:
     difference_grid(out, pairs, first.with_name(first.name + "-differences.png"))
     for target in targets[1:]:
         for suffix in ("-per-image.png", "-differences.png"):
-            shutil.copyfile(first.with_name(first.name + suffix), target.with_name(target.name + suffix))
+            made = first.with_name(first.name + suffix)
+            if made.exists():
+                shutil.copyfile(made, target.with_name(target.name + suffix))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
   CSC-PA's; points above the diagonal are images CSC-PA segments better.
 - :func:`difference_grid`: the test images where the two differ most, each as image (ground
   truth outlined), SupOnly's prediction and CSC-PA's, from the checkpoints each unit selected
-  (``best.pt``, or ``last.pt`` with ``--select last``).
+  (``best.pt``, or ``last.pt`` with ``--select last``); folds whose checkpoints are gone (a
+  study restored from its committed results) are left out, and nothing is drawn without any.
 
 Both need matplotlib (the ``examples`` extra).
 """
@@ -79,7 +80,12 @@ def difference_grid(study_dir: Path, pairs: Sequence[tuple[int, str, float, floa
 
     plt = _pyplot()
     device = torch.device(device)
-    chosen = sorted(pairs, key=lambda p: -abs(p[3] - p[2]))[:count]
+    # a unit restored from its committed results has no checkpoint to predict with: leave it out
+    usable = {f for f in {p[0] for p in pairs}
+              if all(_selected_checkpoint(study_dir / m / f"fold{f}").exists() for m in ("suponly", "cscpa"))}
+    chosen = sorted((p for p in pairs if p[0] in usable), key=lambda p: -abs(p[3] - p[2]))[:count]
+    if not chosen:
+        return []
     rows: list[tuple[int, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     for fold in sorted({p[0] for p in chosen}):
         ids = [p[1] for p in chosen if p[0] == fold]

@@ -168,3 +168,26 @@ def test_report_trains_nothing_and_a_copied_split_is_the_same_split(finished: Pa
     assert json.loads((finished / "study.json").read_text())["units_finished"] == 4
     assert study._same_file_content(copy, finished / "splits.json")
     assert not study._same_file_content(copy, tmp_path / "missing.json")
+
+
+@pytest.mark.slow
+def test_a_study_restored_from_its_committed_results_reports_without_checkpoints(finished: Path, tmp_path: Path) -> None:
+    """A fresh checkout has the units' results.json and test_scores.csv (committed) but no
+    checkpoints: the study counts the units as finished and still writes its summary."""
+    import shutil
+
+    restored = tmp_path / "restored"
+    for unit in finished.glob("*/fold*"):
+        target = restored / unit.parent.name / unit.name
+        target.mkdir(parents=True)
+        for name in ("results.json", "test_scores.csv"):
+            shutil.copyfile(unit / name, target / name)
+    shutil.copyfile(finished / "splits.json", restored / "splits.json")
+    argv = ["--data", "phantom", "--folds", "0,1", "--out", str(restored), "--split", str(finished / "splits.json"),
+            "--bootstrap", "100", *TINY]
+    assert study.main(argv) == 0  # nothing retrained: every unit has its results
+    document = json.loads((restored / "study.json").read_text())
+    assert document["units_finished"] == 4
+    assert document["paired"] == json.loads((finished / "study.json").read_text())["paired"] | {
+        "ci95": document["paired"]["ci95"]}  # the CI is from fewer resamples here
+    assert (restored / "study-per-image.png").exists() and not (restored / "study-differences.png").exists()
