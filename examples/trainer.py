@@ -483,26 +483,21 @@ class FoldTrainer:
 
     def _validate(self, epoch: int, stats: StepStats | None, log: Callable[[str], None]) -> float:
         val_dice = float("nan")
-        if self.dist.main and len(self.data.val) == 0:  # no val split: --select last, nothing to score
-            record = {"epoch": epoch + 1, "iteration": self.iteration, "val_dice": float("nan"), "val_iou": float("nan")}
+        if self.dist.main:
+            has_val = len(self.data.val) > 0  # without a val split (--select last) there is nothing to score
+            result = evaluate(self.raw_model, self.data.val, self.device, autocast=self.autocast) if has_val else None
+            val_dice = result.dice if result is not None else float("nan")
+            record = {"epoch": epoch + 1, "iteration": self.iteration, "val_dice": val_dice,
+                      "val_iou": result.iou if result is not None else float("nan")}
             if stats is not None:
                 record.update({f"train_{k}": float(v) for k, v in stats._asdict().items()})
             record.update(self._epoch_means())
             self.history.append(record)
-            log(f"fold {self.config.fold} epoch {epoch + 1}/{self.config.epochs}: no val split"
-                + (f", train loss {stats.loss:.4f}" if stats is not None else ""))
-        elif self.dist.main:
-            result = evaluate(self.raw_model, self.data.val, self.device, autocast=self.autocast)
-            val_dice = result.dice
-            record = {"epoch": epoch + 1, "iteration": self.iteration, "val_dice": result.dice, "val_iou": result.iou}
-            if stats is not None:
-                record.update({f"train_{k}": float(v) for k, v in stats._asdict().items()})
-            record.update(self._epoch_means())
-            self.history.append(record)
-            if result.dice > self.best_val:
+            if result is not None and result.dice > self.best_val:
                 self.best_val, self.best_epoch = result.dice, epoch + 1
                 save_atomic({"config": dataclasses.asdict(self.config), "model": self.raw_model.state_dict(), "epoch": epoch + 1, "val_dice": result.dice}, self.best_path)
-            log(f"fold {self.config.fold} epoch {epoch + 1}/{self.config.epochs}: val Dice {result.dice:.4f} IoU {result.iou:.4f}"
+            scored = f"val Dice {result.dice:.4f} IoU {result.iou:.4f}" if result is not None else "no val split"
+            log(f"fold {self.config.fold} epoch {epoch + 1}/{self.config.epochs}: {scored}"
                 + (f", train loss {stats.loss:.4f}" if stats is not None else ""))
         self.epoch_totals, self.epoch_count = {}, 0
         if self.dist.main:
