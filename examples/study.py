@@ -22,6 +22,19 @@ After every unit the study prints and writes (``--json``, default ``--out/study.
   a 95% bootstrap confidence interval (10 000 resamples of the images) and the two-sided
   Wilcoxon signed-rank p-value (images where both methods score the same are dropped, the
   test's usual convention).
+
+Several labeled fractions, the paper's Table 1 (``examples/study_table1.py``)::
+
+    python examples/study.py --data /path/to/UDIAT_Dataset_B --folds all --labeled 1/8,1/4,1/2 \\
+        --out runs/study-udiat
+
+Each (fraction, fold, method) is then a unit in ``--out/<1of8|1of4|1of2>/<method>/fold<k>/``,
+all on the one split (its labeled sets are nested), and the report leads with Table 1: rows
+the methods, columns the fractions, cells Dice % ± std and IoU % ± std over folds, then the
+paired statistics per fraction, then each fraction's tables as above. With one fraction the
+layout, the JSON and the report are the single-fraction ones above (plus a ``table1`` key).
+``--data`` is any folder train_busi.py reads (detected by ``examples.datasets.build_dataset``):
+BUSI, UDIAT's Dataset B (``original/`` + ``GT/``), images/ + masks/, or ``phantom``.
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ from typing import Any, Sequence  # noqa: E402
 import numpy as np  # noqa: E402
 
 from examples import train_busi  # noqa: E402
+from examples.study_table1 import FRACTIONS, fraction_tag, table1, table1_markdown  # noqa: E402
 from examples.trainer import git_sha  # noqa: E402
 
 METHODS = ("suponly", "cscpa")
@@ -67,19 +81,34 @@ _CSCPA_ONLY = ("fpa", "epa", "pal", "masking", "threshold", "unsup_weight", "rel
 class Unit:
     fold: int
     method: str
+    labeled: str
+    # the fraction's folder in a multi-fraction study; "" (one fraction) keeps --out/<method>/fold<k>/
+    subdir: str = ""
+
+    def root(self, out: Path) -> Path:
+        """The --out that train_busi.py gets for this unit."""
+        return out / self.subdir if self.subdir else out
 
     def directory(self, out: Path) -> Path:
-        return out / self.method / f"fold{self.fold}"
+        return self.root(out) / self.method / f"fold{self.fold}"
+
+    def label(self, number: int, total: int) -> str:
+        fraction = f", {self.labeled} labeled" if self.subdir else ""
+        return f"[study] unit {number}/{total}: fold {self.fold} {NAMES[self.method]}{fraction}"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     # no abbreviations: --method (train_busi's) must not pass for --methods (ours)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--data", required=True, help="dataset folder (or 'phantom'), as for train_busi.py")
+    p.add_argument("--data", required=True,
+                   help="dataset folder, as for train_busi.py and detected by its layout: BUSI (benign/ malignant/), "
+                        "UDIAT Dataset B (original/ + GT/), images/ + masks/; or 'phantom'")
     p.add_argument("--split", default=None, help="split file (default: made once in --out/splits.json)")
     p.add_argument("--folds", default="all", help="'all' or a comma-separated list of fold indices (default %(default)s)")
-    p.add_argument("--labeled", default="1/8", choices=["1/2", "1/4", "1/8"], help="labeled fraction (default %(default)s)")
+    p.add_argument("--labeled", default="1/8",
+                   help=f"labeled fraction, or several comma-separated ({','.join(FRACTIONS)}: the paper's Table 1); "
+                        "with several, units go to --out/<1of8|1of4|1of2>/<method>/fold<k>/ (default %(default)s)")
     p.add_argument("--methods", default="suponly,cscpa",
                    help="the methods to train now, comma-separated; the summary always covers every finished unit, so "
                         "two processes can train the two methods side by side into the same --out (default %(default)s)")
@@ -96,6 +125,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     if not methods or any(m not in METHODS for m in methods):
         p.error(f"--methods must list some of {', '.join(METHODS)}, got {args.methods!r}")
     args.methods = [m for m in METHODS if m in methods]
+    fractions = list(dict.fromkeys(f.strip() for f in args.labeled.split(",") if f.strip()))
+    if not fractions or any(f not in FRACTIONS for f in fractions):
+        p.error(f"--labeled must list some of {', '.join(FRACTIONS)}, comma-separated, got {args.labeled!r}")
+    args.fractions = fractions  # in the order given: the order the units train in
     for flag in rest:
         if flag.split("=")[0] in _OWN:
             p.error(f"{flag} is set by the study itself; remove it")
@@ -105,8 +138,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
 
 
 def train_argv(args: argparse.Namespace, rest: list[str], unit: Unit, split: Path) -> list[str]:
-    return [*rest, "--data", args.data, "--split", str(split), "--labeled", args.labeled, "--method", unit.method,
-            "--fold", str(unit.fold), "--out", args.out, "--resume"]
+    out = str(unit.root(Path(args.out))) if unit.subdir else args.out
+    return [*rest, "--data", args.data, "--split", str(split), "--labeled", unit.labeled, "--method", unit.method,
+            "--fold", str(unit.fold), "--out", out, "--resume"]
 
 
 def claim(unit_dir: Path) -> Path | None:
@@ -289,13 +323,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--folds must be 'all' or comma-separated fold indices, got {args.folds!r}") from None
         if any(not 0 <= f < fold_count for f in folds):
             raise SystemExit(f"--folds must lie in [0, {fold_count - 1}] for {split}, got {args.folds}")
-    units = [Unit(fold, method) for fold in folds for method in METHODS]
+    multi = len(args.fractions) > 1
+    units = [Unit(fold, method, fraction, fraction_tag(fraction) if multi else "")
+             for fraction in args.fractions for fold in folds for method in METHODS]
+    check_layout(out, multi)
     todo = [] if args.report else [unit for unit in units if unit.method in args.methods]
     started = time.perf_counter()
+    print(f"[study] data {args.data}: {dataset!r}; split {split}", flush=True)
     record = {"command": ["examples/study.py", *(argv if argv is not None else sys.argv[1:])], "train_args": rest,
-              "labeled": args.labeled, "data": args.data, "split": str(split)}
+              "labeled": args.labeled, "data": args.data, "split": str(split), "fractions": args.fractions,
+              "dataset": repr(dataset)}
     for number, unit in enumerate(todo, 1):
-        label = f"[study] unit {number}/{len(todo)}: fold {unit.fold} {NAMES[unit.method]}"
+        label = unit.label(number, len(todo))
         if (unit.directory(out) / "results.json").exists():
             check_same_settings(unit, out, args, rest, split)
             print(f"{label}: finished earlier, not retrained", flush=True)
@@ -317,32 +356,80 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{label}: done in {(time.perf_counter() - t0) / 60:.1f} min this session "
               f"({result['seconds'] / 60:.1f} min in its last run); test Dice {100 * result['test']['dice']:.2f}", flush=True)
         write(out, args, units, record)
-    summary = write(out, args, units, record)
-    print(f"\n[study] {len(summary['folds'])}/{len(units)} units finished ({(time.perf_counter() - started) / 60:.1f} min "
-          "this session)\n\n" + table(summary), flush=True)
+    document, report = write(out, args, units, record)
+    print(f"\n[study] {document['units_finished']}/{len(units)} units finished "
+          f"({(time.perf_counter() - started) / 60:.1f} min this session)\n\n" + report, flush=True)
     return 0
 
 
-def write(out: Path, args: argparse.Namespace, units: list[Unit], record: dict[str, Any]) -> dict[str, Any]:
-    summary = summarise(out, units, args.bootstrap)
+def check_layout(out: Path, multi: bool) -> None:
+    """Refuse an --out that holds the other layout, rather than train its units again beside it."""
+    flat = [m for m in METHODS if (out / m).is_dir()]
+    nested = [fraction_tag(f) for f in FRACTIONS if (out / fraction_tag(f)).is_dir()]
+    if multi and flat:
+        found = [json.loads(r.read_text())["config"].get("labeled") for m in flat for r in (out / m).glob("fold*/results.json")]
+        labeled = found[0] if found and len(set(found)) == 1 else None
+        move = "move its units into the fraction's folder"
+        if labeled in FRACTIONS:
+            target = out / fraction_tag(labeled)
+            move = f"move them with `mkdir {target} && mv {' '.join(str(out / m) for m in flat)} {target}/`"
+        raise SystemExit(f"{out} holds a single-fraction study ({', '.join(m + '/' for m in flat)} at {labeled or '?'} "
+                         f"labeled) and a study of several fractions keeps each fraction in its own folder: {move}, "
+                         "or use another --out")
+    if not multi and nested:
+        raise SystemExit(f"{out} holds a study of several fractions ({', '.join(n + '/' for n in nested)}): give the same "
+                         "--labeled list, or use another --out")
+
+
+def _configs(out: Path, units: list[Unit]) -> dict[str, Any]:
+    """Per method, the configuration of its first finished unit."""
     configs = {}
     for method in METHODS:
         first = next((u for u in units if u.method == method and (u.directory(out) / "results.json").exists()), None)
         if first is not None:
             configs[method] = json.loads((first.directory(out) / "results.json").read_text())["config"]
-    document = {**summary, "study": record, "config": configs, "git_sha": git_sha(),
-                "units_finished": len(summary["folds"]), "units_total": len(units)}
+    return configs
+
+
+def write(out: Path, args: argparse.Namespace, units: list[Unit], record: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Write study.json, study.md, the --json copy and the figures; return the document and the report.
+
+    One fraction: today's document (folds, methods, paired, per_image, ...) plus ``table1``.
+    Several: ``fractions`` holds that document per fraction, beside ``table1``."""
+    fractions = list(dict.fromkeys(u.labeled for u in units))
+    mine = {f: [u for u in units if u.labeled == f] for f in fractions}
+    summaries = {f: summarise(out, mine[f], args.bootstrap) for f in fractions}
+    layout = table1(summaries, len({u.fold for u in units}))
+    finished = sum(len(s["folds"]) for s in summaries.values())
+    if len(fractions) == 1:
+        summary = summaries[fractions[0]]
+        document = {**summary, "study": record, "config": _configs(out, units), "git_sha": git_sha(),
+                    "units_finished": finished, "units_total": len(units), "table1": layout}
+        report = table(summary)
+    else:
+        document = {
+            "fractions": {f: {**summaries[f], "directory": mine[f][0].subdir, "config": _configs(out, mine[f]),
+                              "units_finished": len(summaries[f]["folds"]), "units_total": len(mine[f])}
+                          for f in fractions},
+            "table1": layout, "study": record, "git_sha": git_sha(), "units_finished": finished, "units_total": len(units),
+        }
+        report = "\n\n".join([table1_markdown(layout)] + [
+            f"### {f} labeled ({mine[f][0].subdir}/)\n\n{table(summaries[f])}" for f in layout["fractions"]])
     text = json.dumps(document, indent=2) + "\n"
     (out / "study.json").write_text(text)
-    (out / "study.md").write_text(table(summary) + "\n")
+    (out / "study.md").write_text(report + "\n")
     targets = [out / "study"]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text)
         targets.append(Path(args.json).with_suffix(""))
-    if summary["per_image"] and args.figures:
-        figures(out, summary, targets)
-    return summary
+    if args.figures:
+        for f in fractions:
+            # several fractions: study-1of8-per-image.png, ... (and the same beside --json)
+            tag = f"-{mine[f][0].subdir}" if mine[f][0].subdir else ""
+            if summaries[f]["per_image"]:
+                figures(mine[f][0].root(out), summaries[f], [t.with_name(t.name + tag) for t in targets])
+    return document, report
 
 
 def figures(out: Path, summary: dict[str, Any], targets: list[Path]) -> None:

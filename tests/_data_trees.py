@@ -1,4 +1,4 @@
-"""Small synthetic dataset folders that reproduce the quirks of real BUSI and UDIAT.
+"""Small synthetic dataset folders that reproduce the layouts and quirks of real BUSI and UDIAT.
 
 Images are smooth random fields (each one distinct, so that unrelated images never look like
 near-duplicates) stored as RGB PNGs with greyscale content; masks are rectangles stored in the
@@ -125,6 +125,26 @@ def make_paired_tree(root: Path, images: str = "images", masks: str = "masks", c
         mask = rect_mask(height, width, 4, 4 + i, 20, 30)
         save_mask(mask, root / masks / name, "L")
         expected[f"{images}/{name}"] = mask
+    return expected
+
+
+def make_udiat_tree(root: Path, count: int = 6, size: tuple[int, int] = (30, 40)) -> dict[str, np.ndarray]:
+    """UDIAT Dataset B's layout: ``original/000001.png`` ... with ``GT/000001.png`` ..., returns masks per id.
+
+    Images are 8-bit greyscale PNGs, masks greyscale PNGs with lesion 255 on background 0, the
+    convention of the copies in circulation; one lesion per image, as in Dataset B.
+    """
+    (root / "original").mkdir(parents=True)
+    (root / "GT").mkdir(parents=True)
+    expected = {}
+    height, width = size
+    for i in range(count):
+        name = f"{i + 1:06d}.png"
+        Image.fromarray(smooth_image(200 + i, height, width)).save(root / "original" / name)
+        top, left = 2 + i % (height // 3), 3 + (2 * i) % (width // 3)
+        mask = rect_mask(height, width, top, left, top + height // 2, left + width // 2)
+        save_mask(mask, root / "GT" / name, "L")
+        expected[f"original/{name}"] = mask
     return expected
 
 

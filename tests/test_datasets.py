@@ -25,7 +25,15 @@ from examples.transforms import (
     denormalize,
     normalize,
 )
-from tests._data_trees import make_busi_tree, make_paired_tree, save_mask, save_rgb, smooth_image, truncate
+from tests._data_trees import (
+    make_busi_tree,
+    make_paired_tree,
+    make_udiat_tree,
+    save_mask,
+    save_rgb,
+    smooth_image,
+    truncate,
+)
 
 
 @pytest.fixture()
@@ -117,6 +125,33 @@ def test_paired_layout(tmp_path: Path, images: str, masks: str) -> None:
     assert ds.ids == sorted(expected) and set(ds.labels) == {"all"}
     for i, item_id in enumerate(ds.ids):
         np.testing.assert_array_equal(ds.load(i).mask.numpy().astype(bool), expected[item_id])
+
+
+def test_udiat_dataset_b_layout(tmp_path: Path) -> None:
+    """UDIAT's names: original/000001.png with GT/000001.png (lesion 255), as docs/data.md states."""
+    root = tmp_path / "UDIAT_Dataset_B"
+    expected = make_udiat_tree(root, count=11)
+    ds = build_dataset(root)
+    assert isinstance(ds, ImageMaskFolder) and (ds.images_dir, ds.masks_dir) == ("original", "GT")
+    assert "original/ + GT/" in repr(ds)
+    assert ds.ids == [f"original/{i:06d}.png" for i in range(1, 12)] and set(ds.labels) == {"all"}
+    for i, item_id in enumerate(ds.ids):
+        item = ds.load(i)
+        np.testing.assert_array_equal(item.mask.numpy().astype(bool), expected[item_id])
+        grey = np.array(Image.open(root / item_id))
+        assert all(torch.equal(item.image[c], torch.from_numpy(grey)) for c in range(3))
+    # a mask stored with 1 for lesion, or under an upper-case extension, reads the same
+    mask = expected["original/000002.png"]
+    (root / "GT" / "000002.png").unlink()
+    Image.fromarray(mask.astype(np.uint8)).save(root / "GT" / "000002.PNG", format="PNG")
+    again = build_dataset(root)
+    assert again.ids == ds.ids
+    np.testing.assert_array_equal(again.load(1).mask.numpy().astype(bool), mask)
+    # the Kaggle copy nests the dataset one level down: the error points at it
+    nested = tmp_path / "download"
+    shutil.copytree(root, nested / "UDIAT_Dataset_B")
+    with pytest.raises(DataError, match=r"did you mean .*download/UDIAT_Dataset_B\?"):
+        build_dataset(nested)
 
 
 def test_paired_layout_explicit_folder_names(tmp_path: Path) -> None:
