@@ -107,6 +107,7 @@ def foreground_prototype_attention(
     *,
     values: str = "self",
     eps: float = 1e-6,
+    kv_stride: int = 1,
 ) -> Tensor:
     r"""Cross-image prototype attention; returns :math:`F + F_f` (paper Eqs. 4-6).
 
@@ -137,6 +138,11 @@ def foreground_prototype_attention(
         out_bias: (C,) or None.
         values: ``"self"`` or ``"partner"``, which image supplies the values.
         eps: smallest norm in the cosine normalisations.
+        kv_stride: s; with s > 1 the key and value tokens are averaged over s x s windows of
+            their map (a partial window at an odd edge averages the pixels it has) before the
+            attention, so every query attends to ceil(H'/s) * ceil(W'/s) tokens: about s²
+            times fewer attention FLOPs. Queries and the output keep full resolution. 1 (the
+            default) is the paper's exact FPA; s > 1 is our deviation for large crops.
 
     Returns:
         Tensor of shape (B, C, H, W): ``x + F_f``.
@@ -152,6 +158,7 @@ def foreground_prototype_attention(
     """
     _check_features(x, "x")
     check_option(values, "values", VALUES_MODES)
+    check_positive_int(kv_stride, "kv_stride")
     b, c, h, w = x.shape
     check_rank(key_weight, 2, "key_weight", "(d, C)")
     d = key_weight.shape[0]
@@ -188,6 +195,11 @@ def foreground_prototype_attention(
         key, value = prototype_tokens(partner.flatten(2), key_weight, key_bias, value_weight, value_bias, eps)
     else:
         key = prototype_tokens(partner.flatten(2), key_weight, key_bias, eps=eps)  # (B, N', d)
+    if kv_stride > 1:
+        key_size = (h, w) if partner is None or partner is x else partner.shape[2:]
+        value_size = (h, w) if values == "self" else key_size
+        key = _pool_tokens(key, key_size, kv_stride)  # (B, M, d), M = ceil(H'/s) * ceil(W'/s)
+        value = _pool_tokens(value, value_size, kv_stride)
 
     # One head, (B, 1, N, d): both pairing directions sit in the batch axis, so this is one call.
     attended = F.scaled_dot_product_attention(
@@ -197,6 +209,23 @@ def foreground_prototype_attention(
     residual = x.flatten(2) if out_bias is None else x.flatten(2) + out_bias[:, None]
     out = torch.baddbmm(residual, out_weight.expand(b, c, d), attended.transpose(1, 2))  # (B, C, N)
     return out.view(b, c, h, w)
+
+
+def _pool_tokens(tokens: Tensor, size: tuple[int, ...] | torch.Size, stride: int) -> Tensor:
+    """Average (B, N, d) tokens of an (H, W) map over stride x stride windows: (B, M, d)."""
+    b, _, d = tokens.shape
+    h, w = size
+    rows, cols = -(-h // stride), -(-w // stride)  # ceil: an odd edge keeps a partial window
+    grid = tokens.transpose(1, 2).reshape(b, d, h, w)  # (B, d, H, W)
+    # Zero-pad to whole windows, sum each window and divide by the pixels it really holds.
+    # (Not avg_pool2d(ceil_mode=True): torch.compile's backward of it is wrong at odd sizes in
+    # torch 2.14, which test_kv_stride_compiled_equals_eager catches.)
+    grid = F.pad(grid, (0, cols * stride - w, 0, rows * stride - h))
+    sums = grid.view(b, d, rows, stride, cols, stride).sum((3, 5))  # (B, d, rows, cols)
+    heights = (h - torch.arange(rows, device=tokens.device) * stride).clamp(max=stride)
+    widths = (w - torch.arange(cols, device=tokens.device) * stride).clamp(max=stride)
+    counts = (heights[:, None] * widths[None, :]).to(tokens.dtype)  # (rows, cols)
+    return (sums / counts).flatten(2).transpose(1, 2)  # (B, M, d), M = rows * cols
 
 
 def _check_partner(x: Tensor, partner: Tensor, values: str) -> None:
@@ -235,6 +264,8 @@ class ForegroundPrototypeAttention(nn.Module):
         values: ``"self"`` (paper) or ``"partner"`` (standard cross attention).
         eval_pairing: ``"identity"`` or ``"self"``, what eval mode does without a partner.
         eps: smallest norm in the cosine normalisations.
+        kv_stride: keys and values averaged over ``kv_stride`` x ``kv_stride`` windows (about
+            kv_stride² times fewer attention FLOPs); 1, the default, is the paper's exact FPA.
 
     Shape:
         - x: (B, C, H, W), B even in training unless ``partner`` is given.
@@ -259,6 +290,7 @@ class ForegroundPrototypeAttention(nn.Module):
         values: str = "self",
         eval_pairing: str = "identity",
         eps: float = 1e-6,
+        kv_stride: int = 1,
     ) -> None:
         super().__init__()
         check_positive_int(channels, "channels")
@@ -266,11 +298,13 @@ class ForegroundPrototypeAttention(nn.Module):
         check_positive_int(key_channels, "key_channels")
         check_option(values, "values", VALUES_MODES)
         check_option(eval_pairing, "eval_pairing", EVAL_PAIRINGS)
+        check_positive_int(kv_stride, "kv_stride")
         self.channels = channels
         self.key_channels = key_channels
         self.values = values
         self.eval_pairing = eval_pairing
         self.eps = eps
+        self.kv_stride = kv_stride
         self.key = nn.Linear(channels, key_channels)
         self.value = nn.Linear(channels, key_channels)
         self.out = nn.Linear(key_channels, channels)
@@ -297,10 +331,12 @@ class ForegroundPrototypeAttention(nn.Module):
             self.out.bias,
             values=self.values,
             eps=self.eps,
+            kv_stride=self.kv_stride,
         )
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, key_channels={self.key_channels}, values={self.values!r}, "
             f"eval_pairing={self.eval_pairing!r}, eps={self.eps}"
+            + (f", kv_stride={self.kv_stride}" if self.kv_stride != 1 else "")
         )

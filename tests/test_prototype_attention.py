@@ -36,7 +36,9 @@ def _params(layer: ForegroundPrototypeAttention) -> tuple[torch.Tensor, ...]:
 
 
 def _dense(layer: ForegroundPrototypeAttention, x: torch.Tensor, partner: torch.Tensor | None) -> torch.Tensor:
-    return foreground_prototype_attention_dense(x, partner, *_params(layer), values=layer.values, eps=layer.eps)
+    return foreground_prototype_attention_dense(
+        x, partner, *_params(layer), values=layer.values, eps=layer.eps, kv_stride=layer.kv_stride
+    )
 
 
 @st.composite
@@ -370,6 +372,7 @@ def test_partner_of_other_batch_raises() -> None:
         ({"values": "query"}, r"values must be one of 'self', 'partner', got 'query'"),
         ({"eval_pairing": "mean"}, r"eval_pairing must be one of 'identity', 'self', got 'mean'"),
         ({"key_channels": 0}, r"key_channels must be a positive int, got 0"),
+        ({"kv_stride": 0}, r"kv_stride must be a positive int, got 0"),
     ],
 )
 def test_bad_options_raise(kwargs: dict[str, object], message: str) -> None:
@@ -395,3 +398,110 @@ def test_functional_weight_shapes_are_checked() -> None:
     params[2] = torch.randn(3, 4)
     with pytest.raises(ValueError, match=r"value_weight must have shape \(d, C\) = \(2, 4\), got \(3, 4\)"):
         foreground_prototype_attention(torch.randn(2, 4, 2, 2), None, *params)
+
+
+# --- kv_stride: keys and values from s x s windows (our deviation for large crops) ------------
+
+
+@given(
+    fpa_cases(),
+    st.sampled_from(["self", "partner"]),
+    st.integers(2, 4),
+)
+def test_kv_stride_shape_and_reference_property(
+    case: tuple[int, int, int, int, torch.dtype], values: str, stride: int
+) -> None:
+    b, c, h, w, dtype = case
+    layer = ForegroundPrototypeAttention(c, values=values, kv_stride=stride).to(dtype)
+    x = torch.randn(b, c, h, w, dtype=dtype)
+    out = layer(x)
+    assert out.shape == (b, c, h, w) and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    ref = _dense(layer.double(), x.double(), None)
+    torch.testing.assert_close(out.double(), ref, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("values", ["self", "partner"])
+@pytest.mark.parametrize("pairing", ["halves", "self", "explicit"])
+def test_kv_stride_gradcheck(values: str, pairing: str) -> None:
+    layer = ForegroundPrototypeAttention(6, key_channels=4, values=values, kv_stride=2).double()
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64, requires_grad=True)  # odd sizes: partial windows
+    partner = torch.randn(2, 6, 3, 5, dtype=torch.float64, requires_grad=True)
+
+    def fn(x: torch.Tensor, partner: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        other = {"halves": None, "self": x, "explicit": partner}[pairing]
+        return foreground_prototype_attention(x, other, *params, values=values, kv_stride=2)
+
+    params = tuple(p.detach().requires_grad_() for p in _params(layer))
+    assert torch.autograd.gradcheck(fn, (x, partner, *params))
+
+
+@pytest.mark.parametrize("values", ["self", "partner"])
+@pytest.mark.parametrize("stride", [2, 3])
+def test_kv_stride_equals_dense_in_value_and_gradient(values: str, stride: int) -> None:
+    layer = ForegroundPrototypeAttention(16, values=values, kv_stride=stride)
+    x = torch.randn(4, 16, 7, 9, requires_grad=True)
+    inputs = [x, *layer.parameters()]
+    upstream = torch.randn(4, 16, 7, 9)
+    grads = torch.autograd.grad(layer(x), inputs, upstream)
+    ref_grads = torch.autograd.grad(_dense(layer, x, None), inputs, upstream)
+    torch.testing.assert_close(layer(x), _dense(layer, x, None), **TOLERANCES[torch.float32])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+
+
+def test_kv_stride_partner_values_of_other_size() -> None:
+    layer = ForegroundPrototypeAttention(5, values="partner", kv_stride=2).double()
+    x = torch.randn(2, 5, 4, 6, dtype=torch.float64)
+    partner = torch.randn(2, 5, 7, 3, dtype=torch.float64)
+    torch.testing.assert_close(layer(x, partner), _dense(layer, x, partner))
+
+
+def test_kv_stride_changes_the_output_and_one_is_exact_fpa() -> None:
+    torch.manual_seed(0)
+    exact = ForegroundPrototypeAttention(8)
+    pooled = ForegroundPrototypeAttention(8, kv_stride=2)
+    pooled.load_state_dict(exact.state_dict())  # no new parameters: checkpoints load both ways
+    x = torch.randn(4, 8, 6, 6)
+    assert (exact(x) - pooled(x)).abs().max() > 1e-3  # the windows really change the attention
+    unit = ForegroundPrototypeAttention(8, kv_stride=1)
+    unit.load_state_dict(exact.state_dict())
+    torch.testing.assert_close(unit(x), exact(x), rtol=0, atol=0)
+
+
+def test_kv_stride_of_a_map_pooled_to_one_token_is_the_mean_value() -> None:
+    # One window covers the whole partner map: softmax over one key is 1, so every query reads
+    # the mean value token, and the update is the same at every pixel.
+    layer = ForegroundPrototypeAttention(4, kv_stride=8).double()
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    update = layer(x) - x
+    torch.testing.assert_close(update, update[:, :, :1, :1].expand_as(update))
+
+
+def test_kv_stride_one_by_one_map_and_empty_batch() -> None:
+    layer = ForegroundPrototypeAttention(4, kv_stride=2)
+    x = torch.randn(2, 4, 1, 1)
+    torch.testing.assert_close(layer(x), _dense(layer, x, None))
+    assert layer(torch.randn(0, 4, 3, 3)).shape == (0, 4, 3, 3)
+
+
+def test_kv_stride_in_extra_repr_and_type_checked() -> None:
+    assert "kv_stride=2" in repr(ForegroundPrototypeAttention(4, kv_stride=2))
+    assert "kv_stride" not in repr(ForegroundPrototypeAttention(4))
+    with pytest.raises(TypeError, match="kv_stride must be an int, got float"):
+        ForegroundPrototypeAttention(4, kv_stride=2.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compile_available(), reason="inductor needs a C++ compiler")
+def test_kv_stride_compiled_equals_eager() -> None:
+    layer = ForegroundPrototypeAttention(8, kv_stride=2)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(4, 8, 5, 7, requires_grad=True)
+    eager_out = layer(x)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), [x, *layer.parameters()])
+    out = compiled(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

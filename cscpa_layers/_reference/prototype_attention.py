@@ -29,8 +29,13 @@ def foreground_prototype_attention_dense(
     *,
     values: str = "self",
     eps: float = 1e-6,
+    kv_stride: int = 1,
 ) -> Tensor:
-    """x + F_f with an explicit (B, N, N') attention matrix; ``partner=None`` swaps halves."""
+    """x + F_f with an explicit (B, N, N') attention matrix; ``partner=None`` swaps halves.
+
+    With ``kv_stride`` s > 1, keys and values are multiplied by an explicit (M, N') averaging
+    matrix (one row per s x s window, partial windows at odd edges averaging what they hold).
+    """
     b, c, h, w = x.shape
     if partner is None:
         partner = torch.cat([x[b // 2 :], x[: b // 2]])
@@ -40,10 +45,25 @@ def foreground_prototype_attention_dense(
     key_p = phi_p @ key_weight.T + key_bias  # (B, N', d)
     source = phi_x if values == "self" else phi_p
     value = source @ value_weight.T + value_bias  # (B, N', d)
+    if kv_stride > 1:
+        key_p = _window_means(partner.shape[2], partner.shape[3], kv_stride).to(key_p) @ key_p  # (B, M, d)
+        size = x.shape[2:] if values == "self" else partner.shape[2:]
+        value = _window_means(size[0], size[1], kv_stride).to(value) @ value
     scores = key_x @ key_p.transpose(1, 2) / math.sqrt(key_weight.shape[0])  # (B, N, N')
     attended = torch.softmax(scores, dim=-1) @ value  # Eq. 5: (B, N, d)
     update = attended @ out_weight.T + out_bias  # (B, N, C)
     return x + update.transpose(1, 2).reshape(b, c, h, w)  # Eq. 6
+
+
+def _window_means(h: int, w: int, stride: int) -> Tensor:
+    """(M, H*W) matrix whose row m averages the pixels of the m-th stride x stride window."""
+    rows = []
+    for top in range(0, h, stride):
+        for left in range(0, w, stride):
+            window = torch.zeros(h, w, dtype=torch.float64)
+            window[top : top + stride, left : left + stride] = 1.0
+            rows.append(window.flatten() / window.sum())
+    return torch.stack(rows)
 
 
 def channel_prototypes_dense(x: Tensor) -> Tensor:
