@@ -248,6 +248,8 @@ class DeepLabV3Plus(nn.Module):
         edge_slots: slots of EPA's edge container.
         epa_gate: EPA adds γ·F_e with a learnable γ that starts at 0 instead of F_e
             (:class:`~cscpa_layers.EdgePrototypeAttention`'s ``gate``).
+        fpa_kv_stride: FPA's ``kv_stride``: keys and values averaged over s x s windows
+            (about s² fewer attention FLOPs); 1, the paper's exact FPA, by default.
         aspp_rates: atrous rates; 12/24/36 at every output stride (the authors'; it is the
             textbook choice at stride 8, which uses 6/12/18 at stride 16). Not doubled.
         low_level_channels: width of the ``layer1`` projection (authors 256, textbook 48).
@@ -284,6 +286,7 @@ class DeepLabV3Plus(nn.Module):
         epa: bool = True,
         edge_slots: int = 256,
         epa_gate: bool = False,
+        fpa_kv_stride: int = 1,
         aspp_rates: Sequence[int] = (12, 24, 36),
         low_level_channels: int = 256,
         aspp_channels: int = 256,
@@ -305,7 +308,7 @@ class DeepLabV3Plus(nn.Module):
         self.aspp = ASPP(self.backbone.high_channels, aspp_channels, aspp_rates, dropout)
         self.low_level = _conv_bn_relu(self.backbone.low_channels, low_level_channels, 1)
         self.feature_channels = low_level_channels + aspp_channels
-        self.fpa = ForegroundPrototypeAttention(self.feature_channels) if fpa else None
+        self.fpa = ForegroundPrototypeAttention(self.feature_channels, kv_stride=fpa_kv_stride) if fpa else None
         self.epa = EdgePrototypeAttention(self.feature_channels, slots=edge_slots, gate=epa_gate) if epa else None
         self.classifier = nn.Sequential(
             _conv_bn_relu(self.feature_channels, head_channels, 3), nn.Dropout(dropout),

@@ -74,7 +74,7 @@ _OWN = ("--method", "--fold", "--folds", "--resume", "--out", "--labeled", "--da
 # tau, say, leaves the finished SupOnly units valid.
 _NOT_COMPARED = ("resume", "out", "workers", "device", "stop_after", "overlays", "save_every")
 _CSCPA_ONLY = ("fpa", "epa", "pal", "masking", "threshold", "unsup_weight", "reliability", "patch_size", "mask_ratio",
-               "keep_hard", "fpa_eval", "epa_gate", "pretrain_epochs")
+               "keep_hard", "fpa_eval", "epa_gate", "fpa_kv_stride", "pretrain_epochs")
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pseudo-label rule: the paper's confidence threshold, or the authors' entropy percentile (default %(default)s)")
     g.add_argument("--patch-size", type=int, default=None, help="masking patch side in pixels (default crop // 9, the paper's 9x9 grid)")
     g.add_argument("--mask-ratio", type=float, default=d.mask_ratio, help="share of the easy patches masked (default %(default)s)")
+    g.add_argument("--fpa-kv-stride", type=int, default=d.fpa_kv_stride, metavar="S",
+                   help="FPA keys and values averaged over SxS windows: about S^2 fewer attention FLOPs at large crops; "
+                        "1 is the paper's exact FPA, more is our deviation (default %(default)s)")
     g.add_argument("--fpa-eval", choices=["self", "identity"], default=d.fpa_eval,
                    help="FPA at evaluation: pair each image with itself, or skip FPA as the authors did (default %(default)s)")
     g = p.add_argument_group("data")
@@ -154,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--head-channels must be >= 1, got {args.head_channels}")
     if args.precise_bn < 0:
         p.error(f"--precise-bn must be >= 0, got {args.precise_bn}")
+    if args.fpa_kv_stride < 1:
+        p.error(f"--fpa-kv-stride must be >= 1, got {args.fpa_kv_stride}")
     if not 0.0 <= args.unsup_weight < float("inf"):
         p.error(f"--unsup-weight must be a finite number >= 0, got {args.unsup_weight}")
     return args
@@ -168,7 +173,7 @@ def config_for(args: argparse.Namespace, method: str, fold: int) -> TrainConfig:
         eval_size=args.eval_size or args.resize,
         epochs=args.epochs, pretrain_epochs=args.pretrain_epochs if method == "cscpa" else 0,
         iters_per_epoch=args.iters_per_epoch, batch=args.batch, lr=args.lr, backbone_lr=args.backbone_lr,
-        epa_gate=args.epa_gate, head_channels=args.head_channels, threshold=args.threshold,
+        epa_gate=args.epa_gate, fpa_kv_stride=args.fpa_kv_stride, head_channels=args.head_channels, threshold=args.threshold,
         unsup_weight=args.unsup_weight, reliability=args.reliability, patch_size=args.patch_size, mask_ratio=args.mask_ratio, fpa_eval=args.fpa_eval,
         select=args.select, precise_bn=args.precise_bn, seed=args.seed, device=args.device, amp=args.amp, workers=args.workers,
         save_every=args.save_every, overlays=args.overlays, sync_bn=args.sync_bn, out=args.out, resume=args.resume,
@@ -230,7 +235,7 @@ def build_model(config: TrainConfig) -> torch.nn.Module:
         model = DeepLabV3Plus(
             2, backbone=config.backbone, output_stride=config.output_stride,
             pretrained=config.pretrained, weights=config.weights, fpa=config.uses_fpa, epa=config.uses_epa,
-            epa_gate=config.epa_gate, head_channels=config.head_channels,
+            epa_gate=config.epa_gate, fpa_kv_stride=config.fpa_kv_stride, head_channels=config.head_channels,
         )
     except (RuntimeError, ImportError, ValueError) as error:
         raise SystemExit(str(error)) from error

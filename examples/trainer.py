@@ -68,6 +68,7 @@ class TrainConfig:
     backbone_lr: float = 1.0  # the encoder's learning rate, as a multiple of lr
     head_channels: int = 256  # width of the classifier's two 3x3 convs (the paper's 256)
     epa_gate: bool = False
+    fpa_kv_stride: int = 1  # FPA keys and values from s x s windows; 1 is the paper's exact FPA
     momentum: float = 0.9
     weight_decay: float = 5e-4
     threshold: float = 0.8

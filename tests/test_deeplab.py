@@ -171,6 +171,13 @@ def test_narrow_decoder_for_cpu_runs() -> None:
     assert out.features.shape == (2, 112, 8, 8) and out.logits.shape == (2, 2, 32, 32)
 
 
+def test_fpa_kv_stride_reaches_the_layer_and_keeps_the_output_shape() -> None:
+    model = _small(fpa_kv_stride=2, epa=False).train()
+    assert model.fpa is not None and model.fpa.kv_stride == 2
+    assert _small(epa=False).fpa.kv_stride == 1  # type: ignore[union-attr]
+    assert model(torch.randn(2, 3, 36, 36)).logits.shape == (2, 2, 36, 36)  # odd 9x9 feature map
+
+
 def test_repr_names_the_configuration() -> None:
     text = repr(_small(output_stride=16, epa=False))
     assert "backbone='resnet18'" in text and "output_stride=16" in text and "fpa=True, epa=False" in text

@@ -266,6 +266,15 @@ def test_precise_bn_must_not_be_negative(capsys: pytest.CaptureFixture[str]) -> 
     assert "--precise-bn must be >= 0" in capsys.readouterr().err
 
 
+def test_fpa_kv_stride_flag_is_checked_and_reaches_the_model(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train_busi.parse_args(["--fpa-kv-stride", "0"])
+    assert "--fpa-kv-stride must be >= 1, got 0" in capsys.readouterr().err
+    args = train_busi.parse_args(["--fpa-kv-stride", "2", "--backbone", "resnet18", "--no-pretrained"])
+    model = train_busi.build_model(train_busi.config_for(args, "cscpa", 0))
+    assert model.fpa is not None and model.fpa.kv_stride == 2
+
+
 def test_precise_bn_changes_the_running_statistics_only(tmp_path: Path) -> None:
     base = [*TINY, "--method", "cscpa", "--iters-per-epoch", "2", "--overlays", "0"]
     assert train_busi.main([*base, "--out", str(tmp_path / "plain")]) == 0
