@@ -115,6 +115,16 @@ class Suite:
         """The same case at a tiny size, for the warm-up call of a memory measurement."""
         raise NotImplementedError
 
+    def formula_flops(self, case: Case) -> float | None:
+        """FLOPs from the operation's arithmetic, for cases whose work is elementwise.
+
+        The counter sees matmuls only; a suite whose work is elementwise products and sums
+        (PAL, EPA's attention) returns its count here, used for both implementations so
+        their GFLOP/s compare like with like. None (the default) keeps the counted FLOPs;
+        index and comparison work (masking, the edge mask) stays at 0, not dressed up as FLOPs.
+        """
+        return None
+
 
 @dataclasses.dataclass
 class Series:
@@ -206,6 +216,67 @@ def time_runs(fn: Runner, device: torch.device, *, min_run_time: float, single: 
         "runs": len(m.times),
         "number_per_run": m.number_per_run,
     }
+
+
+# ---------------------------------------------------------------------------------- FLOPs
+
+
+def _cpu_sdpa_forward_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return int(sdpa_flop_count(query, key, value))
+
+
+def _cpu_sdpa_backward_flops(
+    grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return int(sdpa_backward_flop_count(grad_out, query, key, value))
+
+
+def _in_place_mm_flops(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * int(torch.Size(a_shape).numel()) * int(b_shape[-1])  # (…, n, k) @ (…, k, m): 2·…·n·k·m
+
+
+def _mv_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * int(a_shape[0]) * int(a_shape[1])  # (n, k) @ (k,)
+
+
+def flop_counter() -> Any:
+    """``FlopCounterMode`` that also counts what it misses on CPU.
+
+    torch's counter has formulas for mm, addmm, bmm, baddbmm, convolutions and the CUDA
+    attention kernels, but none for the CPU flash attention (``_scaled_dot_product_flash_
+    attention_for_cpu`` and its backward, counted as 0), for matrix-vector products (``mv``,
+    EPA's softmax-weighted sums) nor for the in-place ``addmm_`` and ``baddbmm_`` our
+    hand-written backwards use. Those get the usual formulas here: attention
+    forward 2 matmuls (4·B·N·N'·d), backward 5 (the scores recomputed, then dV, dP, dQ, dK).
+    Elementwise work (softmax, norms, activations) is not counted, as in torch's counter.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    return FlopCounterMode(
+        display=False,
+        custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_forward_flops,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+            aten.mv: _mv_flops,
+            aten.addmm_: _in_place_mm_flops,
+            aten.baddbmm_: _in_place_mm_flops,
+        },
+    )
+
+
+def time_once_counting_flops(fn: Runner, device: torch.device) -> tuple[float, int]:
+    """:func:`time_once` under :func:`flop_counter`: the warm-up call also counts the FLOPs.
+
+    The counter adds a little Python work per operator, so this time is a guard, not a result.
+    """
+    with flop_counter() as counter:
+        single = time_once(fn, device)
+    return single, int(counter.get_total_flops())
 
 
 # ---------------------------------------------------------------------------------- memory

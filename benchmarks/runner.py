@@ -30,7 +30,7 @@ from benchmarks.harness import (
     available_bytes,
     cpu_peak_extra_mib,
     cuda_peak_extra_mib,
-    time_once,
+    time_once_counting_flops,
     time_runs,
 )
 
@@ -125,14 +125,19 @@ def _measure(
     try:
         torch.manual_seed(0)
         fn = suite.build(case, device)
-        single = time_once(fn, device)  # warm-up call, also the guard's measurement
+        single, flops = time_once_counting_flops(fn, device)  # warm-up call: the guard's measurement and the FLOPs
         entry["single_run_s"] = single
+        if (formula := suite.formula_flops(case)) is not None:  # elementwise work the counter cannot see
+            flops, entry["flops_source"] = int(formula), "formula"
+        entry["flops"] = flops
         if single > settings.time_limit:
             note = f"one run took {single:.1f} s; larger sizes not run"
             stopped[case.impl] = (_skip_label(settings), f"series stopped at a smaller size ({note})")
             entry["status"], entry["note"] = _skip_label(settings), note
             return entry
         entry.update(time_runs(fn, device, min_run_time=settings.min_run_time, single=single, repeats=settings.repeats))
+        if flops > 0:
+            entry["gflop_per_s"] = flops / entry["median_s"] / 1e9
         previous[case.impl] = (work, entry["median_s"], dict(case.sizes))
         if settings.memory and memory:
             if device.type == "cuda":
@@ -166,6 +171,8 @@ def _describe(case: Case, entry: dict[str, Any]) -> str:
     if entry["status"] != "ok":
         return f"{head} {entry['status']} ({entry.get('note', '')})"
     text = f"{head} {format_seconds(entry['median_s'])} (IQR {format_seconds(entry['iqr_s'])}, {entry['runs']} runs)"
+    if entry.get("flops"):
+        text += f", {entry['flops'] / 1e9:.3g} GFLOP at {entry['gflop_per_s']:.3g} GFLOP/s"
     if "peak_extra_mib" in entry:
         text += f", extra peak {entry['peak_extra_mib']:.1f} MiB"
     return text

@@ -8,6 +8,7 @@ from benchmarks.harness import Suite
 
 # name -> "module:class"; the order is the order of the report
 REGISTRY = {
+    "fpa_sdpa": "benchmarks.suites.fpa_sdpa:FPAvsSDPASuite",
     "fpa": "benchmarks.suites.fpa:FPASuite",
     "epa": "benchmarks.suites.epa:EPASuite",
     "pal": "benchmarks.suites.pal:PALSuite",

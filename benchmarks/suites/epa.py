@@ -133,6 +133,17 @@ class EPASuite(Suite):
             return float(s["B"] * s["H"] * s["W"])
         return float(s["B"] * s["C"] * s["H"] * s["W"])
 
+    def formula_flops(self, case: Case) -> float | None:
+        """Eqs. 9-10 per pixel: cosine to P_e (dot and norm, 4·C) and adding Φ·P_e (2·C); backward 2x.
+
+        The container update and the edge mask keep the counter's number (matmuls; none).
+        """
+        if case.op not in ("forward", "forward+backward"):
+            return None
+        s = case.sizes
+        forward = 6.0 * s["B"] * s["C"] * s["H"] * s["W"]
+        return forward * (3 if case.op == "forward+backward" else 1)
+
     def tiny(self, case: Case) -> Case:
         small = {
             "container update": {"slots": 4, "C": 8, "m": 8},

@@ -34,6 +34,16 @@ class PALSuite(Suite):
         "forward+backward: the loss (mean reduction) and its gradient to the features.",
     )
 
+    def formula_flops(self, case: Case) -> float | None:
+        """PAL's cosines are elementwise products, which the counter does not see.
+
+        The arithmetic of Eqs. 12-14: per pixel one norm and 8 neighbour dot products over C
+        channels (2·C FLOPs each), forward; backward as twice the forward. The same count for
+        both sides, so their GFLOP/s compare like with like.
+        """
+        s = case.sizes
+        return 3.0 * 9 * 2 * s["C"] * s["B"] * s["H"] * s["W"]
+
     def available(self) -> str | None:
         try:
             importlib.import_module("cscpa_layers._reference.affinity_loss")
