@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("CSCPA_VENV", ROOT / ".venv"))
-EXTRAS = {"main": "examples", "test": "test,examples"}
+EXTRAS = {"main": "examples", "test": "test,examples,export"}
 # The main job: SupOnly against CSC-PA at 1/8 labels on the synthetic phantom, sized for a
 # 2-core CPU (about 7 minutes): ResNet-18 from random weights (no download), 128 px images,
 # 96 px crops, 10 short epochs. Arguments after `main` override any of these; with `--preset`

@@ -69,4 +69,4 @@ def test_a_failed_install_names_the_package_index(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(run.subprocess, "run", offline)
     (tmp_path / "venv").mkdir()
     assert run.main(["test"]) == 1
-    assert "pip could not install cscpa_layers[test,examples]" in capsys.readouterr().err
+    assert "pip could not install cscpa_layers[test,examples,export]" in capsys.readouterr().err
