@@ -270,7 +270,7 @@ def machine_line(meta: dict[str, Any], settings: dict[str, Any], mode: str) -> s
 
 
 def latest_results(results_dir: Path, device: str, *, smoke: bool = False) -> tuple[Path, dict[str, Any]] | None:
-    """The newest full run for ``device``, else the newest quick run (smoke runs only if asked)."""
+    """The newest full run for ``device``, else paper-size, else quick (smoke runs only if asked)."""
     found: list[tuple[int, str, Path, dict[str, Any]]] = []
     for path in sorted(results_dir.glob(f"{device}-*.json")):
         try:
@@ -278,9 +278,9 @@ def latest_results(results_dir: Path, device: str, *, smoke: bool = False) -> tu
         except (OSError, json.JSONDecodeError):
             continue
         mode = data.get("mode")
-        if mode not in ("full", "quick", "smoke" if smoke else "full") or data.get("meta", {}).get("device") != device:
+        if mode not in ("full", "paper", "quick", "smoke" if smoke else "full") or data.get("meta", {}).get("device") != device:
             continue
-        found.append(({"full": 2, "quick": 1}.get(mode, 0), data["meta"]["created"], path, data))
+        found.append(({"full": 3, "paper": 2, "quick": 1}.get(mode, 0), data["meta"]["created"], path, data))
     if not found:
         return None
     _, _, path, data = max(found, key=lambda item: (item[0], item[1]))
@@ -292,6 +292,9 @@ HOW_TO_RUN = """\
 python benchmarks/run.py --device cpu --quick           # reduced sizes: about 3 minutes on an idle 2-core CPU
 python benchmarks/run.py --device cpu                   # full sizes up to B=8, C=512, H=W=129 (tens of minutes)
 python benchmarks/run.py --device cuda                  # on a machine with an NVIDIA GPU
+bash benchmarks/cuda_check.sh                           # a lent GPU's few minutes: CUDA tests, paper-size benchmarks
+                                                        # (--paper-size), two AMP training iterations at 513, this page
+bash benchmarks/cuda_check.sh --dry-run                 # the same steps, tiny and on CPU
 python benchmarks/run.py --device cpu --suite fpa pal   # some suites only
 python benchmarks/run.py --device cpu --report-only     # rewrite this page from benchmarks/results/
 ```
@@ -365,9 +368,10 @@ def render(results_dir: Path, *, smoke: bool = False) -> str:
             if device == "cuda":
                 lines += [
                     "**Not measured yet**: no GPU has been available to this project so far. On a",
-                    "machine with an NVIDIA GPU run `python benchmarks/run.py --device cuda` and commit",
-                    "the JSON it writes together with this page. Until then the CUDA path is exercised",
-                    "only up to device selection: `--device cuda` without CUDA stops with a clear error.",
+                    "machine with an NVIDIA GPU run `bash benchmarks/cuda_check.sh` (about 5 minutes) or",
+                    "`python benchmarks/run.py --device cuda`, and commit the JSON they write together with",
+                    "this page. Until then the CUDA path is exercised only up to device selection: `--device",
+                    "cuda` without CUDA stops with a clear error.",
                     "",
                 ]
             else:
@@ -391,6 +395,13 @@ def render(results_dir: Path, *, smoke: bool = False) -> str:
                 "These are **quick-mode** numbers (reduced sizes and runs). The targets below are",
                 "judged on what quick mode measured; a full run (`--device "
                 f"{device}` without `--quick`) supersedes them.",
+                "",
+            ]
+        if data["mode"] == "paper":
+            lines += [
+                "These are **paper-size** numbers only (`--paper-size`: B = 8, C = 512, 129², crop 513, float32",
+                "and bfloat16, the short run of `benchmarks/cuda_check.sh`); targets at other sizes are not",
+                "measured by it.",
                 "",
             ]
         lines += ["### Targets", "", "| target | verdict | rows |", "|---|---|---|"]

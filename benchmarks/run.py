@@ -33,6 +33,8 @@ MODES = {
     "full": Settings(min_run_time=2.0, repeats=5),
     "quick": Settings(min_run_time=0.3, repeats=3),
     "smoke": Settings(min_run_time=0.01, repeats=1),
+    # the paper's size only, float32 and bfloat16: the CUDA check's few minutes of a lent GPU
+    "paper": Settings(min_run_time=0.5, repeats=3, time_limit=30.0),
 }
 
 
@@ -42,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="reduced sizes and runs (under 5 minutes on 2 CPU cores)")
     size.add_argument("--smoke", action="store_true", help="one tiny configuration per suite (for the tests)")
+    size.add_argument("--paper-size", action="store_true",
+                      help="only the paper's size (B=8, C=512, 129², crop 513), float32 and bfloat16: minutes on a GPU")
     parser.add_argument("--suite", nargs="+", choices=suites.NAMES, metavar="NAME", help=f"suites to run, of {suites.NAMES}")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md", help="markdown page to rewrite")
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         write_docs(args)
         return None
     device = harness.select_device(args.device)  # SystemExit with a clear message if absent
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = "smoke" if args.smoke else "quick" if args.quick else "paper" if args.paper_size else "full"
     settings = MODES[mode]
     settings = Settings(
         min_run_time=settings.min_run_time if args.min_run_time is None else args.min_run_time,

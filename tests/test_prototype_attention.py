@@ -319,10 +319,11 @@ def test_cpu_runs_on_the_flash_kernel_alone() -> None:
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+@pytest.mark.parametrize("kv_stride", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_cuda_uses_fused_kernels_and_equals_cpu(dtype: torch.dtype) -> None:
-    layer = ForegroundPrototypeAttention(64)
-    x = torch.randn(4, 64, 16, 16, requires_grad=True)
+def test_cuda_uses_fused_kernels_and_equals_cpu(dtype: torch.dtype, kv_stride: int) -> None:
+    layer = ForegroundPrototypeAttention(64, kv_stride=kv_stride)
+    x = torch.randn(4, 64, 15, 17, requires_grad=True)  # odd: kv_stride's partial windows too
     cpu_out = layer(x)
     cpu_grad = torch.autograd.grad(cpu_out.sum(), x)[0]
     layer_cuda = layer.to("cuda", dtype)

@@ -10,6 +10,7 @@ from benchmarks.harness import Suite
 REGISTRY = {
     "fpa_sdpa": "benchmarks.suites.fpa_sdpa:FPAvsSDPASuite",
     "fpa": "benchmarks.suites.fpa:FPASuite",
+    "fpa_kv_stride": "benchmarks.suites.fpa_kv_stride:FPAKVStrideSuite",
     "epa": "benchmarks.suites.epa:EPASuite",
     "pal": "benchmarks.suites.pal:PALSuite",
     "masking": "benchmarks.suites.masking:MaskingSuite",

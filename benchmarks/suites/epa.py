@@ -24,16 +24,19 @@ ATTENTION = {
     "full": [{"B": 8, "C": 512, "H": s, "W": s} for s in (16, 32, 64, 129)],
     "quick": [{"B": 2, "C": 512, "H": 129, "W": 129}],
     "smoke": [{"B": 2, "C": 8, "H": 4, "W": 4}],
+    "paper": [{"B": 8, "C": 512, "H": 129, "W": 129}],
 }
 UPDATE = {
     "full": [{"slots": 64, "C": 128, "m": 128}, {"slots": 256, "C": 512, "m": 512}, {"slots": 1024, "C": 512, "m": 2048}],
     "quick": [{"slots": 256, "C": 512, "m": 512}],
     "smoke": [{"slots": 4, "C": 8, "m": 8}],
+    "paper": [{"slots": 256, "C": 512, "m": 512}],
 }
 MASK = {
     "full": [{"B": 2, "H": 16, "W": 16}, {"B": 8, "H": 32, "W": 32}, {"B": 8, "H": 64, "W": 64}, {"B": 8, "H": 129, "W": 129}],
     "quick": [{"B": 8, "H": 32, "W": 32}],
     "smoke": [{"B": 1, "H": 5, "W": 5}],
+    "paper": [{"B": 2, "H": 32, "W": 32}],  # the reference is a Python loop over pixels: kept small
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import DTYPES, Case, Runner, Series, Suite, default_dtypes, itemsize
+from benchmarks.harness import DTYPES, PAPER, Case, Runner, Series, Suite, default_dtypes, itemsize
 from cscpa_layers import ForegroundPrototypeAttention
 from cscpa_layers._prototype_tokens import prototype_tokens
 
@@ -41,6 +41,9 @@ class FPAvsSDPASuite(Suite):
             return [Series("forward+backward", "float32", SMOKE)]
         if mode == "quick":
             return [Series("forward+backward", "float32", QUICK, memory=False)]
+        if mode == "paper":
+            return [Series(op, dtype, [PAPER], memory=False) for dtype in ("float32", "bfloat16")
+                    for op in ("forward", "forward+backward")]
         return [Series(op, dtype, FULL, memory=False) for dtype in default_dtypes(device, mode)
                 for op in ("forward", "forward+backward")]
 

@@ -62,6 +62,8 @@ class IterationSuite(Suite):
             return [Series("iteration", "float32", SMOKE)]
         if mode == "quick":
             return [Series("iteration", "float32", [CPU_CONFIG])]
+        if mode == "paper":
+            return [Series("iteration", dtype, FULL[-1:]) for dtype in ("float32", "bfloat16")]
         return [Series("iteration", dtype, FULL) for dtype in default_dtypes(device, mode)]
 
     def build(self, case: Case, device: torch.device) -> Runner:

@@ -18,7 +18,7 @@ from benchmarks.harness import DTYPES, Case, Runner, Series, Suite, default_dtyp
 FULL = [{"B": 4, "K": 2, "H": s, "W": s} for s in (129, 257, 513)] + [{"B": 8, "K": 2, "H": 513, "W": 513}]
 QUICK = [{"B": 4, "K": 2, "H": 513, "W": 513}]
 SMOKE = [{"B": 2, "K": 2, "H": 20, "W": 20}]
-PATCH = {"full": 57, "quick": 57, "smoke": 7}
+PATCH = {"full": 57, "quick": 57, "smoke": 7, "paper": 57}
 
 
 def blob_probs(b: int, k: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
@@ -49,7 +49,7 @@ class MaskingSuite(Suite):
         return None
 
     def plan(self, device: str, mode: str) -> list[Series]:
-        sizes = {"full": FULL, "quick": QUICK, "smoke": SMOKE}[mode]
+        sizes = {"full": FULL, "quick": QUICK, "smoke": SMOKE, "paper": FULL[-2:]}[mode]
         sizes = [dict(s, patch=PATCH[mode]) for s in sizes]
         return [Series("mask", dtype, sizes, memory=mode != "quick") for dtype in default_dtypes(device, mode)]
 

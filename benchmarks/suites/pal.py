@@ -13,7 +13,7 @@ import importlib
 
 import torch
 
-from benchmarks.harness import DTYPES, Case, Runner, Series, Suite, default_dtypes, disk_labels, itemsize
+from benchmarks.harness import DTYPES, PAPER, Case, Runner, Series, Suite, default_dtypes, disk_labels, itemsize
 
 FULL = [{"B": 8, "C": 512, "H": s, "W": s} for s in (16, 32, 64, 96, 129)]
 QUICK = [{"B": 4, "C": 512, "H": 64, "W": 64}]  # the paper's width at the target's N
@@ -57,6 +57,8 @@ class PALSuite(Suite):
             return [Series(OPS[0], "float32", SMOKE)]
         if mode == "quick":  # the target's size (N = 64²) only
             return [Series(OPS[0], "float32", QUICK), Series(OPS[1], "float32", QUICK), Series(OPS[0], "bfloat16", QUICK)]
+        if mode == "paper":
+            return [Series(op, dtype, [PAPER]) for dtype in ("float32", "bfloat16") for op in OPS]
         return [Series(op, dtype, FULL) for dtype in default_dtypes(device, mode) for op in OPS]
 
     def build(self, case: Case, device: torch.device) -> Runner:
