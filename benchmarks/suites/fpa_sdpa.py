@@ -17,7 +17,11 @@ from benchmarks.harness import DTYPES, PAPER, Case, Runner, Series, Suite, defau
 from cscpa_layers import ForegroundPrototypeAttention
 from cscpa_layers._prototype_tokens import prototype_tokens
 
-FULL = [{"B": 8, "C": 512, "H": s, "W": s} for s in (32, 64, 96, 129)]
+# Ascending cost; the paper's batch at the target's N = 64², then B = 2 up to 129² (at B = 8 one
+# CPU forward+backward at 129² does ~8 TFLOP of attention, minutes per run on two cores).
+FULL = [{"B": 2, "C": 512, "H": 64, "W": 64}, {"B": 8, "C": 512, "H": 64, "W": 64},
+        {"B": 2, "C": 512, "H": 96, "W": 96}, {"B": 2, "C": 512, "H": 129, "W": 129}]
+FULL_CUDA = [{"B": 8, "C": 512, "H": s, "W": s} for s in (64, 96, 129)]
 QUICK = [{"B": 2, "C": 512, "H": 64, "W": 64}, {"B": 8, "C": 512, "H": 64, "W": 64}]
 SMOKE = [{"B": 2, "C": 8, "H": 4, "W": 4}]
 
@@ -44,7 +48,8 @@ class FPAvsSDPASuite(Suite):
         if mode == "paper":
             return [Series(op, dtype, [PAPER], memory=False) for dtype in ("float32", "bfloat16")
                     for op in ("forward", "forward+backward")]
-        return [Series(op, dtype, FULL, memory=False) for dtype in default_dtypes(device, mode)
+        sizes = FULL_CUDA if device == "cuda" else FULL
+        return [Series(op, dtype, sizes, memory=False) for dtype in default_dtypes(device, mode)
                 for op in ("forward", "forward+backward")]
 
     def build(self, case: Case, device: torch.device) -> Runner:
