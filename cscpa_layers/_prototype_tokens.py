@@ -16,18 +16,12 @@ This is the difference between ~3 and ~5 feature-map copies of peak memory in FP
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 from torch import Tensor
 
-
-def _without_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
-    """Turn autocast off: the hand-written backward needs the dtypes the forward saved."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+from cscpa_layers._checks import without_autocast
 
 
 def _normalize_backward(grad: Tensor, value: Tensor, norm: Tensor, eps: float, dim: int) -> Tensor:
@@ -81,7 +75,7 @@ class PrototypeTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> Any:
-        with _without_autocast(ctx.device_type):
+        with without_autocast(ctx.device_type):
             return PrototypeTokens._backward(ctx, *grads)
 
     @staticmethod
@@ -139,5 +133,5 @@ def prototype_tokens(
     """
     dtype = torch.promote_types(x.dtype, key_weight.dtype)
     params = [p if p is None else p.to(dtype) for p in (key_weight, key_bias, value_weight, value_bias)]
-    with _without_autocast(x.device.type):
+    with without_autocast(x.device.type):
         return PrototypeTokens.apply(x.to(dtype), *params, eps)

@@ -10,20 +10,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cscpa_layers._checks import check_floating, check_range, check_rank, check_same_device, check_shape
+from cscpa_layers._checks import (
+    check_bool,
+    check_features,
+    check_floating,
+    check_positive,
+    check_same_device,
+    check_shape,
+)
 from cscpa_layers.edge_container import AdaptiveEdgeContainer
 
 __all__ = ["EdgePrototypeAttention", "edge_prototype_attention"]
 
 
-def _check_features(x: Tensor) -> None:
-    check_rank(x, 4, "x", "(B, C, H, W)")
-    check_floating(x, "x")
-
-
 def _check_hyper(temperature: float, eps: float) -> None:
-    check_range(temperature, "temperature", 0.0, float("inf"), low_open=True)
-    check_range(eps, "eps", 0.0, float("inf"), low_open=True)
+    check_positive(temperature, "temperature")
+    check_positive(eps, "eps")
 
 
 def edge_prototype_attention(
@@ -78,13 +80,12 @@ def edge_prototype_attention(
         >>> torch.allclose(weights.mean(dim=(1, 2)), torch.ones(2))  # rescale: mean weight 1
         True
     """
-    _check_features(x)
+    check_features(x, "x")
     b, c, h, w = x.shape
     check_shape(prototype, (c,), "prototype", "(C,) with C of x")
     check_floating(prototype, "prototype")
     check_same_device(x, prototype, "x", "prototype")
-    if not isinstance(rescale, bool):
-        raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}")
+    check_bool(rescale, "rescale")
     _check_hyper(temperature, eps)
     if isinstance(gain, Tensor):
         check_shape(gain, (), "gain", "() (a 0-d tensor)")
@@ -165,10 +166,8 @@ class EdgePrototypeAttention(nn.Module):
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        if not isinstance(rescale, bool):
-            raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}")
-        if not isinstance(gate, bool):
-            raise TypeError(f"gate must be a bool, got {type(gate).__name__}")
+        check_bool(rescale, "rescale")
+        check_bool(gate, "gate")
         _check_hyper(temperature, eps)
         self.gate = nn.Parameter(torch.zeros(())) if gate else None
         self.container = AdaptiveEdgeContainer(channels, slots=slots)
@@ -179,7 +178,7 @@ class EdgePrototypeAttention(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor, bank: Tensor | None = None) -> Tensor:
-        _check_features(x)
+        check_features(x, "x")
         if x.shape[1] != self.channels:
             raise ValueError(
                 f"x must have {self.channels} channels (the layer's `channels`), got {x.shape[1]} "

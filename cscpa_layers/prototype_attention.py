@@ -16,15 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cscpa_layers._prototype_tokens import prototype_tokens
 from cscpa_layers._checks import (
-    check_floating,
+    check_features,
     check_option,
     check_positive_int,
     check_rank,
     check_same_device,
     check_shape,
 )
+from cscpa_layers._prototype_tokens import prototype_tokens
 
 __all__ = [
     "ForegroundPrototypeAttention",
@@ -35,11 +35,6 @@ __all__ = [
 
 VALUES_MODES = ("self", "partner")
 EVAL_PAIRINGS = ("identity", "self")
-
-
-def _check_features(x: Tensor, name: str) -> None:
-    check_rank(x, 4, name, "(B, C, H, W)")
-    check_floating(x, name)
 
 
 def channel_prototypes(x: Tensor) -> Tensor:
@@ -60,7 +55,7 @@ def channel_prototypes(x: Tensor) -> Tensor:
         >>> channel_prototypes(x).shape
         torch.Size([2, 8, 8])
     """
-    _check_features(x, "x")
+    check_features(x, "x")
     feats = x.flatten(2)  # (B, C, N)
     weights = feats.softmax(dim=-1)  # (B, C, N), each row sums to 1 over pixels
     return weights @ feats.transpose(1, 2)  # (B, C, C)
@@ -87,7 +82,7 @@ def correlation_map(prototypes: Tensor, x: Tensor, *, eps: float = 1e-6) -> Tens
         >>> phi.shape, bool(phi.abs().max() <= 1 + 1e-6)
         (torch.Size([2, 8, 5, 7]), True)
     """
-    _check_features(x, "x")
+    check_features(x, "x")
     b, c, h, w = x.shape
     check_shape(prototypes, (b, c, c), "prototypes", "(B, C, C)")
     protos = F.normalize(prototypes, dim=-1, eps=eps)  # (B, C, C)
@@ -156,7 +151,7 @@ def foreground_prototype_attention(
         >>> out.shape
         torch.Size([4, 8, 6, 5])
     """
-    _check_features(x, "x")
+    check_features(x, "x")
     check_option(values, "values", VALUES_MODES)
     check_positive_int(kv_stride, "kv_stride")
     b, c, h, w = x.shape
@@ -229,7 +224,7 @@ def _pool_tokens(tokens: Tensor, size: tuple[int, ...] | torch.Size, stride: int
 
 
 def _check_partner(x: Tensor, partner: Tensor, values: str) -> None:
-    _check_features(partner, "partner")
+    check_features(partner, "partner")
     check_same_device(x, partner, "x", "partner")
     if partner.dtype != x.dtype:
         raise ValueError(f"partner must have dtype {x.dtype} like x, got {partner.dtype}")
@@ -310,7 +305,7 @@ class ForegroundPrototypeAttention(nn.Module):
         self.out = nn.Linear(key_channels, channels)
 
     def forward(self, x: Tensor, partner: Tensor | None = None) -> Tensor:
-        _check_features(x, "x")
+        check_features(x, "x")
         if x.shape[1] != self.channels:
             raise ValueError(
                 f"x must have {self.channels} channels (the layer's `channels`), got {x.shape[1]} "

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from cscpa_layers._checks import check_floating, check_positive_int, check_range, check_rank
+from cscpa_layers._checks import DECIMAL_TOLERANCE, check_epoch, check_floating, check_range, check_rank
 
 __all__ = [
     "PseudoLabels",
@@ -28,8 +28,6 @@ __all__ = [
     "keep_percent_schedule",
     "pseudo_labels",
 ]
-
-_ROUND_TOLERANCE = 1e-9  # so that a percentage given in decimal rounds as written
 
 
 class PseudoLabels(NamedTuple):
@@ -115,7 +113,7 @@ def entropy_keep_mask(logits: Tensor, *, keep_percent: float) -> Tensor:
     check_range(keep_percent, "keep_percent", 0.0, 100.0)
     b, _, h, w = logits.shape
     total = b * h * w
-    count = min(total, math.floor(keep_percent / 100 * total + 0.5 + _ROUND_TOLERANCE))
+    count = min(total, math.floor(keep_percent / 100 * total + 0.5 + DECIMAL_TOLERANCE))
     with torch.no_grad():
         log_probs = logits.detach().to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(1)
         entropy = -(log_probs.exp() * log_probs).sum(1)  # (B, H, W)
@@ -123,11 +121,6 @@ def entropy_keep_mask(logits: Tensor, *, keep_percent: float) -> Tensor:
         keep = torch.zeros(total, dtype=torch.bool, device=logits.device)
         keep[order[:count]] = True
         return keep.view(b, h, w)
-
-
-def _check_epoch(epoch: float, epochs: int) -> None:
-    check_positive_int(epochs, "epochs")
-    check_range(epoch, "epoch", 0.0, float(epochs))
 
 
 def keep_hard_schedule(epoch: float, epochs: int, *, start: float = 0.7) -> float:
@@ -145,7 +138,7 @@ def keep_hard_schedule(epoch: float, epochs: int, *, start: float = 0.7) -> floa
         >>> keep_hard_schedule(0, 200), keep_hard_schedule(100, 200), keep_hard_schedule(200, 200)
         (0.7, 0.35, 0.0)
     """
-    _check_epoch(epoch, epochs)
+    check_epoch(epoch, epochs)
     check_range(start, "start", 0.0, 1.0)
     return start * (1 - epoch / epochs)
 
@@ -168,7 +161,7 @@ def keep_percent_schedule(epoch: float, epochs: int, *, start: float = 80.0, end
         >>> keep_percent_schedule(0, 200), keep_percent_schedule(100, 200), keep_percent_schedule(200, 200)
         (80.0, 90.0, 100.0)
     """
-    _check_epoch(epoch, epochs)
+    check_epoch(epoch, epochs)
     check_range(start, "start", 0.0, 100.0)
     check_range(end, "end", 0.0, 100.0)
     return start + (end - start) * epoch / epochs

@@ -261,6 +261,12 @@ def test_cuda_is_reproducible_and_agrees_with_cpu_where_no_randomness_is_involve
     for mask_ratio in (0.0, 1.0):  # no random choice: the kept (hardest) patches decide
         expected = confidence_mask(probs, patch_size=19, mask_ratio=mask_ratio)
         assert torch.equal(confidence_mask(cuda, patch_size=19, mask_ratio=mask_ratio).cpu(), expected)
+    # the numbers are drawn on the generator's device, so one CPU generator gives the CPU mask
+    # for CUDA probabilities, random choice included
+    for mask_ratio in (0.3, 0.7):
+        expected = confidence_mask(probs, patch_size=19, mask_ratio=mask_ratio, generator=torch.Generator().manual_seed(4))
+        got = confidence_mask(cuda, patch_size=19, mask_ratio=mask_ratio, generator=torch.Generator().manual_seed(4))
+        assert got.device.type == "cuda" and torch.equal(got.cpu(), expected)
 
 
 # --- bad input --------------------------------------------------------------------------------
