@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from cscpa_layers._checks import (
     DECIMAL_TOLERANCE,
+    check_epoch,
     check_floating,
     check_generator,
     check_positive_int,
@@ -32,7 +33,7 @@ from cscpa_layers._checks import (
     draw_device,
 )
 
-__all__ = ["ConfidenceMasking", "MaskedImages", "confidence_mask"]
+__all__ = ["ConfidenceMasking", "MaskedImages", "confidence_mask", "keep_hard_schedule"]
 
 
 class MaskedImages(NamedTuple):
@@ -219,3 +220,26 @@ class ConfidenceMasking(nn.Module):
             f"patch_size={self.patch_size}, keep_hard={self.keep_hard}, "
             f"mask_ratio={self.mask_ratio}, fill={self.fill}"
         )
+
+
+def keep_hard_schedule(epoch: float, epochs: int, *, start: float = 0.7) -> float:
+    r"""Share of foreground patches kept by the masking: :math:`k = k_0 (1 - t / T)`.
+
+    The paper's schedule of ``keep_hard`` (Sec. 3.4): hard patches are protected early in
+    training and masked like the others by the end.
+
+    Args:
+        epoch: t, the current epoch (a float is fine for per-iteration schedules), in [0, T].
+        epochs: T, the number of epochs.
+        start: k_0, the share at t = 0, in [0, 1] (the paper: 0.7).
+
+    Returns:
+        k, falling linearly from ``start`` to 0.
+
+    Example:
+        >>> keep_hard_schedule(0, 200), keep_hard_schedule(100, 200), keep_hard_schedule(200, 200)
+        (0.7, 0.35, 0.0)
+    """
+    check_epoch(epoch, epochs)
+    check_range(start, "start", 0.0, 1.0)
+    return start * (1 - epoch / epochs)

@@ -8,7 +8,8 @@ Two rules decide which pseudo-labels count:
   batch count, with keep_percent rising from 80 to 100 over training
   (:func:`entropy_keep_mask` with :func:`keep_percent_schedule`).
 
-The masking schedule of Sec. 3.4 lives here too (:func:`keep_hard_schedule`).
+The masking schedule of Sec. 3.4, :func:`keep_hard_schedule`, lives with the masking in
+``confidence_mask.py``; it is re-exported here, where it used to be.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from cscpa_layers._checks import DECIMAL_TOLERANCE, check_epoch, check_floating, check_range, check_rank
+from cscpa_layers.confidence_mask import keep_hard_schedule  # re-export: it lived here before
 
 __all__ = [
     "PseudoLabels",
@@ -121,26 +123,6 @@ def entropy_keep_mask(logits: Tensor, *, keep_percent: float) -> Tensor:
         keep = torch.zeros(total, dtype=torch.bool, device=logits.device)
         keep[order[:count]] = True
         return keep.view(b, h, w)
-
-
-def keep_hard_schedule(epoch: float, epochs: int, *, start: float = 0.7) -> float:
-    r"""Share of foreground patches kept by the masking: :math:`k = k_0 (1 - t / T)`.
-
-    Args:
-        epoch: t, the current epoch (a float is fine for per-iteration schedules), in [0, T].
-        epochs: T, the number of epochs.
-        start: k_0, the share at t = 0, in [0, 1] (the paper: 0.7).
-
-    Returns:
-        k, falling linearly from ``start`` to 0.
-
-    Example:
-        >>> keep_hard_schedule(0, 200), keep_hard_schedule(100, 200), keep_hard_schedule(200, 200)
-        (0.7, 0.35, 0.0)
-    """
-    check_epoch(epoch, epochs)
-    check_range(start, "start", 0.0, 1.0)
-    return start * (1 - epoch / epochs)
 
 
 def keep_percent_schedule(epoch: float, epochs: int, *, start: float = 80.0, end: float = 100.0) -> float:

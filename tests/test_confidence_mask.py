@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cscpa_layers import ConfidenceMasking, MaskedImages, confidence_mask
+from cscpa_layers import ConfidenceMasking, MaskedImages, confidence_mask, keep_hard_schedule
 from cscpa_layers._reference.confidence_mask import confidence_mask_loop
 from cscpa_layers.confidence_mask import ceil_count
 from tests.conftest import DEVICES
@@ -217,6 +218,25 @@ def test_low_precision_probabilities_match_float64() -> None:
     assert torch.equal(got32, expected)
     got16 = confidence_mask(probs.bfloat16(), patch_size=57, generator=torch.Generator().manual_seed(0))
     assert torch.equal(_patch_view(got16, 57).sum((1, 2)), _patch_view(expected, 57).sum((1, 2)))
+
+
+# --- the schedule of keep_hard ---------------------------------------------------------------
+
+
+def test_keep_hard_schedule() -> None:
+    assert keep_hard_schedule(0, 200) == pytest.approx(0.7)
+    assert keep_hard_schedule(50, 200) == pytest.approx(0.525)
+    assert keep_hard_schedule(200, 200) == 0.0
+    assert keep_hard_schedule(2.5, 10, start=0.4) == pytest.approx(0.3)
+
+
+def test_keep_hard_schedule_lives_with_the_masking_and_is_re_exported() -> None:
+    # importlib: the package attribute `confidence_mask` is the function, not the module
+    masking_module = importlib.import_module("cscpa_layers.confidence_mask")
+    pseudo_labels_module = importlib.import_module("cscpa_layers.pseudo_labels")
+    assert keep_hard_schedule.__module__ == "cscpa_layers.confidence_mask"
+    # the old home and the package root still give the same function
+    assert masking_module.keep_hard_schedule is pseudo_labels_module.keep_hard_schedule is keep_hard_schedule
 
 
 # --- the module -------------------------------------------------------------------------------

@@ -136,13 +136,6 @@ def test_cuda_equals_cpu() -> None:
 # --- schedules --------------------------------------------------------------------------------
 
 
-def test_keep_hard_schedule() -> None:
-    assert keep_hard_schedule(0, 200) == pytest.approx(0.7)
-    assert keep_hard_schedule(50, 200) == pytest.approx(0.525)
-    assert keep_hard_schedule(200, 200) == 0.0
-    assert keep_hard_schedule(2.5, 10, start=0.4) == pytest.approx(0.3)
-
-
 def test_keep_percent_schedule() -> None:
     assert keep_percent_schedule(0, 200) == 80.0
     assert keep_percent_schedule(50, 200) == 85.0
