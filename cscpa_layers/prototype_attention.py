@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from cscpa_layers._checks import (
     check_features,
     check_option,
+    check_positive,
     check_positive_int,
     check_rank,
     check_same_device,
@@ -70,7 +71,7 @@ def correlation_map(prototypes: Tensor, x: Tensor, *, eps: float = 1e-6) -> Tens
     Args:
         prototypes: (B, C, C) from :func:`channel_prototypes`.
         x: features of shape (B, C, H, W).
-        eps: smallest norm used by the normalisation.
+        eps: smallest norm used by the normalisation, > 0.
 
     Returns:
         The correlation map Phi of shape (B, C, H, W); ``out[b, c, h, w]`` is the cosine
@@ -83,6 +84,7 @@ def correlation_map(prototypes: Tensor, x: Tensor, *, eps: float = 1e-6) -> Tens
         (torch.Size([2, 8, 5, 7]), True)
     """
     check_features(x, "x")
+    check_positive(eps, "eps")
     b, c, h, w = x.shape
     check_shape(prototypes, (b, c, c), "prototypes", "(B, C, C)")
     protos = F.normalize(prototypes, dim=-1, eps=eps)  # (B, C, C)
@@ -132,7 +134,7 @@ def foreground_prototype_attention(
         out_weight: (C, d) weight of the output projection L_o back to C channels.
         out_bias: (C,) or None.
         values: ``"self"`` or ``"partner"``, which image supplies the values.
-        eps: smallest norm in the cosine normalisations.
+        eps: smallest norm in the cosine normalisations, > 0.
         kv_stride: s; with s > 1 the key and value tokens are averaged over s x s windows of
             their map (a partial window at an odd edge averages the pixels it has) before the
             attention, so every query attends to ceil(H'/s) * ceil(W'/s) tokens: about s²
@@ -153,6 +155,7 @@ def foreground_prototype_attention(
     """
     check_features(x, "x")
     check_option(values, "values", VALUES_MODES)
+    check_positive(eps, "eps")  # eps = 0 would divide all-zero features by 0
     check_positive_int(kv_stride, "kv_stride")
     b, c, h, w = x.shape
     check_rank(key_weight, 2, "key_weight", "(d, C)")
@@ -258,7 +261,7 @@ class ForegroundPrototypeAttention(nn.Module):
         key_channels: d, the width of keys and values; default ``max(1, channels // 2)``.
         values: ``"self"`` (paper) or ``"partner"`` (standard cross attention).
         eval_pairing: ``"identity"`` or ``"self"``, what eval mode does without a partner.
-        eps: smallest norm in the cosine normalisations.
+        eps: smallest norm in the cosine normalisations, > 0.
         kv_stride: keys and values averaged over ``kv_stride`` x ``kv_stride`` windows (about
             kv_stride² times fewer attention FLOPs); 1, the default, is the paper's exact FPA.
 
@@ -293,6 +296,7 @@ class ForegroundPrototypeAttention(nn.Module):
         check_positive_int(key_channels, "key_channels")
         check_option(values, "values", VALUES_MODES)
         check_option(eval_pairing, "eval_pairing", EVAL_PAIRINGS)
+        check_positive(eps, "eps")
         check_positive_int(kv_stride, "kv_stride")
         self.channels = channels
         self.key_channels = key_channels

@@ -381,6 +381,28 @@ def test_bad_options_raise(kwargs: dict[str, object], message: str) -> None:
         ForegroundPrototypeAttention(4, **kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("eps", "error", "message"),
+    [
+        (0.0, ValueError, r"eps must be in \(0.0, inf\], got 0.0"),
+        (-1e-6, ValueError, r"eps must be in \(0.0, inf\], got -1e-06"),
+        ("1e-6", TypeError, r"eps must be a number, got str"),
+        (None, TypeError, r"eps must be a number, got NoneType"),
+    ],
+)
+def test_bad_eps_raises(eps: object, error: type[Exception], message: str) -> None:
+    # eps = 0 would let all-zero features divide by 0; the layer, the function and
+    # correlation_map check it alike
+    layer = ForegroundPrototypeAttention(4)
+    x = torch.randn(2, 4, 2, 2)
+    with pytest.raises(error, match=message):
+        ForegroundPrototypeAttention(4, eps=eps)  # type: ignore[arg-type]
+    with pytest.raises(error, match=message):
+        foreground_prototype_attention(x, None, *_params(layer), eps=eps)  # type: ignore[arg-type]
+    with pytest.raises(error, match=message):
+        correlation_map(channel_prototypes(x), x, eps=eps)  # type: ignore[arg-type]
+
+
 def test_bad_types_raise_type_error() -> None:
     with pytest.raises(TypeError, match=r"channels must be an int, got float"):
         ForegroundPrototypeAttention(4.0)  # type: ignore[arg-type]
