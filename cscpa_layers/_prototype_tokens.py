@@ -16,7 +16,7 @@ This is the difference between ~3 and ~5 feature-map copies of peak memory in FP
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -118,6 +118,28 @@ class PrototypeTokens(torch.autograd.Function):
         return (grad_x, *param_grads, None)
 
 
+@overload
+def prototype_tokens(
+    x: Tensor,
+    key_weight: Tensor,
+    key_bias: Tensor,
+    value_weight: None = None,
+    value_bias: None = None,
+    eps: float = 1e-6,
+) -> Tensor: ...
+
+
+@overload
+def prototype_tokens(
+    x: Tensor,
+    key_weight: Tensor,
+    key_bias: Tensor,
+    value_weight: Tensor,
+    value_bias: Tensor,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]: ...
+
+
 def prototype_tokens(
     x: Tensor,
     key_weight: Tensor,
@@ -128,8 +150,9 @@ def prototype_tokens(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Keys (B, N, K), and values when their weights are given, from x (B, C, N).
 
-    Computes in the promoted dtype of x and the weights with autocast off (under autocast the
-    attention that follows still runs in reduced precision).
+    Returns the keys alone without value weights, and the tuple (keys, values) with them (the
+    overloads say so to mypy). Computes in the promoted dtype of x and the weights with
+    autocast off (under autocast the attention that follows still runs in reduced precision).
     """
     dtype = torch.promote_types(x.dtype, key_weight.dtype)
     params = [p if p is None else p.to(dtype) for p in (key_weight, key_bias, value_weight, value_bias)]

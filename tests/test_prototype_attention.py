@@ -16,6 +16,7 @@ from cscpa_layers import (
     correlation_map,
     foreground_prototype_attention,
 )
+from cscpa_layers._prototype_tokens import prototype_tokens
 from cscpa_layers._reference.prototype_attention import (
     channel_prototypes_dense,
     correlation_map_dense,
@@ -120,6 +121,18 @@ def test_correlation_is_cosine() -> None:
     phi = correlation_map(protos, x)
     expected = torch.tensor([[[[0.6, 0.0]], [[0.8, 1.0]]]])
     torch.testing.assert_close(phi, expected)
+
+
+def test_prototype_tokens_returns_keys_alone_or_keys_and_values() -> None:
+    # what its @overloads promise mypy: a Tensor without value weights, a pair with them
+    layer = ForegroundPrototypeAttention(6, key_channels=4)
+    x = torch.randn(2, 6, 12)
+    keys = prototype_tokens(x, layer.key.weight, layer.key.bias)
+    assert isinstance(keys, torch.Tensor) and keys.shape == (2, 12, 4)
+    pair = prototype_tokens(x, layer.key.weight, layer.key.bias, layer.value.weight, layer.value.bias)
+    assert isinstance(pair, tuple) and len(pair) == 2
+    torch.testing.assert_close(pair[0], keys, rtol=0, atol=0)
+    assert pair[1].shape == (2, 12, 4)
 
 
 def test_functional_pieces_match_dense() -> None:
