@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cscpa_layers._checks import (
+    check_bool,
     check_features,
     check_option,
     check_positive,
@@ -105,6 +106,7 @@ def foreground_prototype_attention(
     values: str = "self",
     eps: float = 1e-6,
     kv_stride: int = 1,
+    residual: bool = True,
 ) -> Tensor:
     r"""Cross-image prototype attention; returns :math:`F + F_f` (paper Eqs. 4-6).
 
@@ -140,23 +142,29 @@ def foreground_prototype_attention(
             attention, so every query attends to ceil(H'/s) * ceil(W'/s) tokens: about s²
             times fewer attention FLOPs. Queries and the output keep full resolution. 1 (the
             default) is the paper's exact FPA; s > 1 is our deviation for large crops.
+        residual: return ``x + F_f`` (True, the paper's Eq. 6) or the term ``F_f`` alone
+            (False), for a fusion that adds several terms to one x, ``x + F_f + F_e``.
 
     Returns:
-        Tensor of shape (B, C, H, W): ``x + F_f``.
+        Tensor of shape (B, C, H, W): ``x + F_f``, or ``F_f`` with ``residual=False``.
 
     Example:
         >>> fpa = ForegroundPrototypeAttention(8)
         >>> x = torch.randn(4, 8, 6, 5)
-        >>> out = foreground_prototype_attention(
-        ...     x, None, fpa.key.weight, fpa.key.bias, fpa.value.weight, fpa.value.bias,
-        ...     fpa.out.weight, fpa.out.bias)
+        >>> params = (fpa.key.weight, fpa.key.bias, fpa.value.weight, fpa.value.bias,
+        ...           fpa.out.weight, fpa.out.bias)
+        >>> out = foreground_prototype_attention(x, None, *params)
         >>> out.shape
         torch.Size([4, 8, 6, 5])
+        >>> f_f = foreground_prototype_attention(x, None, *params, residual=False)
+        >>> torch.allclose(x + f_f, out, atol=1e-6)
+        True
     """
     check_features(x, "x")
     check_option(values, "values", VALUES_MODES)
     check_positive(eps, "eps")  # eps = 0 would divide all-zero features by 0
     check_positive_int(kv_stride, "kv_stride")
+    check_bool(residual, "residual")
     b, c, h, w = x.shape
     check_rank(key_weight, 2, "key_weight", "(d, C)")
     d = key_weight.shape[0]
@@ -203,9 +211,13 @@ def foreground_prototype_attention(
     attended = F.scaled_dot_product_attention(
         query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     ).squeeze(1)  # (B, N, d)
+    if not residual:  # F_f = L_o(attended) alone
+        update = torch.matmul(out_weight, attended.transpose(1, 2))  # (C, d) @ (B, d, N) -> (B, C, N)
+        update = update if out_bias is None else update + out_bias[:, None]
+        return update.view(b, c, h, w)
     # x + L_o(attended), produced directly in x's (B, C, N) layout by one fused call
-    residual = x.flatten(2) if out_bias is None else x.flatten(2) + out_bias[:, None]
-    out = torch.baddbmm(residual, out_weight.expand(b, c, d), attended.transpose(1, 2))  # (B, C, N)
+    start = x.flatten(2) if out_bias is None else x.flatten(2) + out_bias[:, None]
+    out = torch.baddbmm(start, out_weight.expand(b, c, d), attended.transpose(1, 2))  # (B, C, N)
     return out.view(b, c, h, w)
 
 
@@ -256,6 +268,10 @@ class ForegroundPrototypeAttention(nn.Module):
     eval mode without a partner, ``eval_pairing="identity"`` returns ``x`` unchanged (the
     authors skip FPA at test time) and ``"self"`` pairs each image with itself.
 
+    ``forward(x, partner=None, *, residual=True)`` returns ``x + F_f``; with ``residual=False``
+    it returns the term ``F_f`` alone (zeros where FPA is skipped), so that a model adding FPA
+    and EPA to the same features writes ``x + fpa(x, residual=False) + epa(x, residual=False)``.
+
     Args:
         channels: C, the channels of the feature map.
         key_channels: d, the width of keys and values; default ``max(1, channels // 2)``.
@@ -268,13 +284,15 @@ class ForegroundPrototypeAttention(nn.Module):
     Shape:
         - x: (B, C, H, W), B even in training unless ``partner`` is given.
         - partner: (B, C, H', W'), with (H', W') = (H, W) under ``values="self"``.
-        - output: (B, C, H, W).
+        - output: (B, C, H, W), ``x + F_f``, or ``F_f`` with ``residual=False``.
 
     Example:
         >>> fpa = ForegroundPrototypeAttention(16)
         >>> x = torch.randn(4, 16, 9, 7)
         >>> fpa(x).shape
         torch.Size([4, 16, 9, 7])
+        >>> torch.allclose(x + fpa(x, residual=False), fpa(x), atol=1e-6)
+        True
         >>> _ = fpa.eval()
         >>> torch.equal(fpa(x[:1]), x[:1])
         True
@@ -308,16 +326,17 @@ class ForegroundPrototypeAttention(nn.Module):
         self.value = nn.Linear(channels, key_channels)
         self.out = nn.Linear(key_channels, channels)
 
-    def forward(self, x: Tensor, partner: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, partner: Tensor | None = None, *, residual: bool = True) -> Tensor:
         check_features(x, "x")
         if x.shape[1] != self.channels:
             raise ValueError(
                 f"x must have {self.channels} channels (the layer's `channels`), got {x.shape[1]} "
                 f"in shape {tuple(x.shape)}"
             )
+        check_bool(residual, "residual")
         if partner is None and not self.training:
             if self.eval_pairing == "identity":
-                return x
+                return x if residual else torch.zeros_like(x)  # F_f = 0: FPA is skipped
             partner = x
         return foreground_prototype_attention(
             x,
@@ -331,6 +350,7 @@ class ForegroundPrototypeAttention(nn.Module):
             values=self.values,
             eps=self.eps,
             kv_stride=self.kv_stride,
+            residual=residual,
         )
 
     def extra_repr(self) -> str:

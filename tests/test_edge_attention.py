@@ -10,7 +10,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cscpa_layers import AdaptiveEdgeContainer, EdgePrototypeAttention, edge_prototype_attention
+from cscpa_layers import (
+    AdaptiveEdgeContainer,
+    EdgePrototypeAttention,
+    ForegroundPrototypeAttention,
+    edge_prototype_attention,
+)
 from cscpa_layers._reference.edge_attention import edge_prototype_attention_dense
 from tests.conftest import DEVICES, TOLERANCES, compile_available
 
@@ -262,6 +267,53 @@ def test_cuda_equals_cpu(dtype: torch.dtype) -> None:
     got = epa.to("cuda", dtype)(x.to("cuda", dtype))
     tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.3, "rtol": 5e-2}
     torch.testing.assert_close(got.float().cpu(), want, **tol)
+
+
+# --- residual=False: the term F_e alone, for x + F_f + F_e -----------------------------------
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_residual_false_returns_the_term_alone(rescale: bool) -> None:
+    x = torch.randn(3, 6, 5, 7, dtype=torch.float64)
+    prototype = torch.randn(6, dtype=torch.float64)
+    term = edge_prototype_attention(x, prototype, temperature=0.7, rescale=rescale, residual=False)
+    ref = edge_prototype_attention_dense(x, prototype, temperature=0.7, rescale=rescale) - x
+    torch.testing.assert_close(term, ref, **TOLERANCES[torch.float64])
+    full = edge_prototype_attention(x, prototype, temperature=0.7, rescale=rescale)
+    torch.testing.assert_close(x + term, full, **TOLERANCES[torch.float64])
+    assert torch.autograd.gradcheck(
+        lambda a, p: edge_prototype_attention(a, p, rescale=rescale, residual=False),
+        (x[:1, :, :2, :3].clone().requires_grad_(), prototype.clone().requires_grad_()),
+    )
+
+
+def test_module_residual_false_before_and_after_initialization() -> None:
+    epa = EdgePrototypeAttention(8, slots=4, gate=True)
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(epa(x, residual=False), torch.zeros_like(x))  # not initialised: no term
+    epa.container.initialize(torch.randn(6, 8))
+    with torch.no_grad():
+        epa.gate.fill_(0.4)  # type: ignore[union-attr]
+    term = epa(x, residual=False)  # gamma * F_e
+    torch.testing.assert_close(x + term, epa(x))
+    f_e = edge_prototype_attention(x, epa.container.prototype(), residual=False)
+    torch.testing.assert_close(term, 0.4 * f_e)
+    bank = torch.randn(4, 8)
+    torch.testing.assert_close(epa(x, bank, residual=False), 0.4 * edge_prototype_attention(x, bank.mean(0), residual=False))
+    with pytest.raises(TypeError, match=r"residual must be a bool, got int"):
+        epa(x, residual=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"residual must be a bool, got NoneType"):
+        edge_prototype_attention(x, bank.mean(0), residual=None)  # type: ignore[arg-type]
+
+
+def test_fusion_with_residual_false_equals_the_re_typed_sum() -> None:
+    # F' = F + F_f + F_e, written without re-adding and subtracting F
+    fpa = ForegroundPrototypeAttention(8).double()
+    epa = _ready(8, 4, torch.float64)
+    x = torch.randn(4, 8, 5, 6, dtype=torch.float64)
+    fused = x + fpa(x, residual=False) + epa(x, residual=False)
+    torch.testing.assert_close(fused, fpa(x) + epa(x) - x, **TOLERANCES[torch.float64])
+    assert not torch.allclose(fused, x)
 
 
 # --- degenerate input ---------------------------------------------------------------------------

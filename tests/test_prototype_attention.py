@@ -226,6 +226,48 @@ def test_eval_with_explicit_partner_uses_it() -> None:
     torch.testing.assert_close(layer(x, partner), _dense(layer, x, partner))
 
 
+# --- residual=False: the term F_f alone, for x + F_f + F_e -----------------------------------
+
+
+@pytest.mark.parametrize("kv_stride", [1, 2])
+@pytest.mark.parametrize("values", ["self", "partner"])
+@pytest.mark.parametrize("pairing", ["halves", "self", "explicit"])
+def test_residual_false_returns_the_term_alone(pairing: str, values: str, kv_stride: int) -> None:
+    layer = ForegroundPrototypeAttention(6, key_channels=4, values=values, kv_stride=kv_stride).double()
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64)
+    other = {"halves": None, "self": x, "explicit": torch.randn(2, 6, 3, 5, dtype=torch.float64)}[pairing]
+    term = layer(x, other, residual=False)
+    torch.testing.assert_close(term, _dense(layer, x, other) - x, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(x + term, layer(x, other), **TOLERANCES[torch.float64])
+    assert term.abs().amax() > 1e-3  # a real term, not x cancelled to 0
+
+
+def test_residual_false_gradcheck() -> None:
+    layer = ForegroundPrototypeAttention(6, key_channels=4).double()
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+    params = tuple(p.detach().requires_grad_() for p in _params(layer))
+    assert torch.autograd.gradcheck(
+        lambda x, *params: foreground_prototype_attention(x, None, *params, residual=False), (x, *params)
+    )
+
+
+def test_residual_false_in_eval() -> None:
+    x = torch.randn(3, 8, 5, 4, dtype=torch.float64)
+    skipped = ForegroundPrototypeAttention(8, eval_pairing="identity").double().eval()
+    assert torch.equal(skipped(x, residual=False), torch.zeros_like(x))  # FPA skipped: F_f = 0
+    paired = ForegroundPrototypeAttention(8, eval_pairing="self").double().eval()
+    torch.testing.assert_close(paired(x, residual=False), _dense(paired, x, x) - x, **TOLERANCES[torch.float64])
+
+
+def test_residual_must_be_a_bool() -> None:
+    layer = ForegroundPrototypeAttention(4)
+    x = torch.randn(2, 4, 2, 2)
+    with pytest.raises(TypeError, match=r"residual must be a bool, got int"):
+        layer(x, residual=0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"residual must be a bool, got str"):
+        foreground_prototype_attention(x, None, *_params(layer), residual="no")  # type: ignore[arg-type]
+
+
 # --- degenerate input -------------------------------------------------------------------------
 
 
