@@ -23,6 +23,7 @@ from cscpa_layers._checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    check_values_in,
     draw_device,
 )
 
@@ -157,10 +158,7 @@ def select_edge_features(
         check_floating(confidence, "confidence")
         check_shape(confidence, (b, h, w), "confidence", "(B, H, W) of features")
         check_same_device(features, confidence, "features", "confidence")
-        if confidence.numel() > 0:
-            low, high = confidence.min().item(), confidence.max().item()
-            if not (0.0 <= low and high <= 1.0):  # also catches NaN
-                raise ValueError(f"confidence must lie in [0, 1], got values in [{low}, {high}]")
+        check_values_in(confidence, "confidence", 0.0, 1.0)  # NaN fails too
         mask &= confidence >= threshold
 
     flat = mask.flatten().nonzero().squeeze(1)  # (M,) indices into B*N, data-dependent M
