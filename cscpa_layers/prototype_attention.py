@@ -229,13 +229,15 @@ def _pool_tokens(tokens: Tensor, size: tuple[int, ...] | torch.Size, stride: int
     grid = tokens.transpose(1, 2).reshape(b, d, h, w)  # (B, d, H, W)
     # Zero-pad to whole windows, sum each window and divide by the pixels it really holds.
     # (Not avg_pool2d(ceil_mode=True): torch.compile's backward of it is wrong at odd sizes in
-    # torch 2.14, which test_kv_stride_compiled_equals_eager catches.)
+    # torch 2.14, which the kv_stride case of FPA's compiled-equals-eager check catches.)
     grid = F.pad(grid, (0, cols * stride - w, 0, rows * stride - h))
     sums = grid.view(b, d, rows, stride, cols, stride).sum((3, 5))  # (B, d, rows, cols)
     heights = (h - torch.arange(rows, device=tokens.device) * stride).clamp(max=stride)
     widths = (w - torch.arange(cols, device=tokens.device) * stride).clamp(max=stride)
     counts = (heights[:, None] * widths[None, :]).to(tokens.dtype)  # (rows, cols)
-    return (sums / counts).flatten(2).transpose(1, 2)  # (B, M, d), M = rows * cols
+    # contiguous: the fused attention kernels need a unit stride along d, else SDPA silently
+    # falls back to the math kernel, which holds the (N, M) matrix
+    return (sums / counts).flatten(2).transpose(1, 2).contiguous()  # (B, M, d), M = rows * cols
 
 
 def _check_partner(x: Tensor, partner: Tensor, values: str) -> None:

@@ -363,11 +363,13 @@ def test_autocast_bfloat16_runs_and_backpropagates() -> None:
     torch.testing.assert_close(out.double(), ref, **TOLERANCES[torch.bfloat16])
 
 
-def test_cpu_runs_on_the_flash_kernel_alone() -> None:
+@pytest.mark.parametrize("kv_stride", [1, 2, 3])
+def test_cpu_runs_on_the_flash_kernel_alone(kv_stride: int) -> None:
     # With only FLASH_ATTENTION allowed, a fallback to the math kernel (which materialises the
-    # N x N matrix) would raise instead of running silently.
-    layer = ForegroundPrototypeAttention(8)
-    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    # N x N matrix) would raise instead of running silently. With kv_stride the pooled keys and
+    # values must keep a unit stride along d for that (they once did not: the math kernel ran).
+    layer = ForegroundPrototypeAttention(8, kv_stride=kv_stride)
+    x = torch.randn(2, 8, 7, 6, requires_grad=True)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         layer(x).sum().backward()
     assert x.grad is not None
