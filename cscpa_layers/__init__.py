@@ -10,7 +10,7 @@ from cscpa_layers.affinity_loss import (
     pixel_affinity,
     pixel_affinity_loss,
 )
-from cscpa_layers.confidence_mask import ConfidenceMasking, MaskedImages, confidence_mask
+from cscpa_layers.confidence_mask import ConfidenceMasking, MaskedImages, confidence_mask, keep_hard_schedule
 from cscpa_layers.edge_attention import EdgePrototypeAttention, edge_prototype_attention
 from cscpa_layers.edge_container import AdaptiveEdgeContainer
 from cscpa_layers.edge_features import edge_mask, select_edge_features
@@ -23,7 +23,6 @@ from cscpa_layers.prototype_attention import (
 from cscpa_layers.pseudo_labels import (
     PseudoLabels,
     entropy_keep_mask,
-    keep_hard_schedule,
     keep_percent_schedule,
     pseudo_labels,
 )

@@ -1,14 +1,19 @@
-"""Input validation shared by every public function.
+"""Input validation and the few private helpers shared by every public function.
 
 All checks raise at the public boundary with an expected-versus-actual message, so that a
 user sees which argument is wrong and what would have been right. Shape, rank, range,
 dtype and option errors are ``ValueError``; an argument that is not a tensor at all is a
 ``TypeError``. These are real ``raise`` statements, never ``assert``: asserts vanish under
 ``python -O``.
+
+Each rule is written once here: what counts as a feature map, where random numbers are drawn,
+how counts derived from decimal fractions round, and how a hand-written backward turns
+autocast off.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,6 +40,12 @@ def check_floating(x: Tensor, name: str) -> None:
     """Raise unless ``x`` holds floating-point values."""
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def check_features(x: Any, name: str) -> None:
+    """Raise unless ``x`` is a floating-point feature map of shape (B, C, H, W)."""
+    check_rank(x, 4, name, "(B, C, H, W)")
+    check_floating(x, name)
 
 
 def check_integer(x: Tensor, name: str) -> None:
@@ -71,6 +82,12 @@ def check_positive_int(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be a positive int, got {value}")
 
 
+def check_bool(value: Any, name: str) -> None:
+    """Raise ``TypeError`` unless ``value`` is a ``bool`` (1 and 0 are not)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def check_range(value: float, name: str, low: float, high: float, *, low_open: bool = False) -> None:
     """Raise unless ``low <= value <= high`` (or ``low < value`` when ``low_open``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -79,6 +96,49 @@ def check_range(value: float, name: str, low: float, high: float, *, low_open: b
     if below or value > high:
         bracket = "(" if low_open else "["
         raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+
+
+def check_positive(value: Any, name: str) -> None:
+    """Raise unless ``value`` is a number greater than zero, e.g. an ``eps`` or a temperature."""
+    check_range(value, name, 0.0, float("inf"), low_open=True)
+
+
+def check_epoch(epoch: float, epochs: int) -> None:
+    """Raise unless ``epochs`` is a positive int and ``0 <= epoch <= epochs`` (a schedule's t, T)."""
+    check_positive_int(epochs, "epochs")
+    check_range(epoch, "epoch", 0.0, float(epochs))
+
+
+def check_generator(generator: Any) -> None:
+    """Raise ``TypeError`` unless ``generator`` is a ``torch.Generator`` or None.
+
+    Any device is accepted: every op draws on the generator's own device (:func:`draw_device`)
+    and moves the result to its data, so one seeded generator gives the same draw for data on
+    any device.
+    """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def draw_device(generator: torch.Generator | None, data: torch.device) -> torch.device:
+    """Where random numbers are drawn: on the generator's device, or on ``data``'s with None.
+
+    Without a generator the global generator of the data's device is used, as torch does.
+    """
+    return data if generator is None else generator.device
+
+
+# Fractions given in decimal are not exact in binary: 0.07 * 100 is 7.000000000000001, and
+# ceil() of it would give 8. Counts derived from a fraction round against this tolerance, so
+# they come out as written; it is far below 1 / (any pixel or patch count we meet).
+DECIMAL_TOLERANCE = 1e-9
+
+
+def without_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Turn autocast off on ``device_type``: a hand-written backward needs the dtypes its forward saved."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _reading_data_is_allowed(x: Tensor) -> bool:

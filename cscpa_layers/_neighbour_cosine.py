@@ -27,12 +27,13 @@ itself:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from cscpa_layers._checks import without_autocast
 
 # Row-major 3x3 neighbourhood without the centre: slot k and slot 7 - k are opposite offsets.
 OFFSETS: tuple[tuple[int, int], ...] = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -77,12 +78,6 @@ def _chunks(x: Tensor) -> list[tuple[slice, slice]]:
     return [(slice(i, i + 1), slice(c0, c0 + step)) for i in range(b) for c0 in range(0, c, step)]
 
 
-def _without_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 class NeighbourCosine(torch.autograd.Function):
     """``x (B, C, H, W) -> (B, 8, H, W)`` cosines with the neighbours of ``OFFSETS`` (0 off the image)."""
 
@@ -114,7 +109,7 @@ class NeighbourCosine(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
-        with _without_autocast(ctx.device_type):
+        with without_autocast(ctx.device_type):
             return NeighbourCosine._backward(ctx, grad_out), None
 
     @staticmethod
@@ -150,6 +145,6 @@ class NeighbourCosine(torch.autograd.Function):
 def neighbour_cosine(x: Tensor, eps: float) -> Tensor:
     """(B, 8, H, W) cosines of x (B, C, H, W) with its neighbours; computed in at least float32."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    with _without_autocast(x.device.type):
+    with without_autocast(x.device.type):
         out: Tensor = NeighbourCosine.apply(x.to(dtype), eps)
     return out

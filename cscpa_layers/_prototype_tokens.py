@@ -16,18 +16,12 @@ This is the difference between ~3 and ~5 feature-map copies of peak memory in FP
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
 
-
-def _without_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
-    """Turn autocast off: the hand-written backward needs the dtypes the forward saved."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+from cscpa_layers._checks import without_autocast
 
 
 def _normalize_backward(grad: Tensor, value: Tensor, norm: Tensor, eps: float, dim: int) -> Tensor:
@@ -81,7 +75,7 @@ class PrototypeTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> Any:
-        with _without_autocast(ctx.device_type):
+        with without_autocast(ctx.device_type):
             return PrototypeTokens._backward(ctx, *grads)
 
     @staticmethod
@@ -124,6 +118,28 @@ class PrototypeTokens(torch.autograd.Function):
         return (grad_x, *param_grads, None)
 
 
+@overload
+def prototype_tokens(
+    x: Tensor,
+    key_weight: Tensor,
+    key_bias: Tensor,
+    value_weight: None = None,
+    value_bias: None = None,
+    eps: float = 1e-6,
+) -> Tensor: ...
+
+
+@overload
+def prototype_tokens(
+    x: Tensor,
+    key_weight: Tensor,
+    key_bias: Tensor,
+    value_weight: Tensor,
+    value_bias: Tensor,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]: ...
+
+
 def prototype_tokens(
     x: Tensor,
     key_weight: Tensor,
@@ -134,10 +150,11 @@ def prototype_tokens(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Keys (B, N, K), and values when their weights are given, from x (B, C, N).
 
-    Computes in the promoted dtype of x and the weights with autocast off (under autocast the
-    attention that follows still runs in reduced precision).
+    Returns the keys alone without value weights, and the tuple (keys, values) with them (the
+    overloads say so to mypy). Computes in the promoted dtype of x and the weights with
+    autocast off (under autocast the attention that follows still runs in reduced precision).
     """
     dtype = torch.promote_types(x.dtype, key_weight.dtype)
     params = [p if p is None else p.to(dtype) for p in (key_weight, key_bias, value_weight, value_bias)]
-    with _without_autocast(x.device.type):
+    with without_autocast(x.device.type):
         return PrototypeTokens.apply(x.to(dtype), *params, eps)

@@ -24,13 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from cscpa_layers._checks import (
+    check_features,
     check_floating,
     check_int,
     check_integer,
     check_labels,
     check_option,
     check_range,
-    check_rank,
     check_same_device,
     check_shape,
     check_tensor,
@@ -76,11 +76,6 @@ def _neighbour_maps(x: Tensor, fill: float | bool) -> Tensor:
     return torch.stack([padded[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in OFFSETS], 1)
 
 
-def _check_features(x: Tensor, name: str) -> None:
-    check_rank(x, 4, name, "(B, C, H, W)")
-    check_floating(x, name)
-
-
 def _check_valid_map(valid: Tensor, features: Tensor) -> None:
     b, _, h, w = features.shape
     check_shape(valid, (b, h, w), "valid", "(B, H, W)")
@@ -124,7 +119,7 @@ def pixel_affinity(features: Tensor, valid: Tensor | None = None, *, eps: float 
         >>> int(aff.valid[0, :, 0, 0].sum())  # a corner has 3 neighbours on the image
         3
     """
-    _check_features(features, "features")
+    check_features(features, "features")
     check_range(eps, "eps", 0.0, 0.5, low_open=True)
     b, _, h, w = features.shape
     if valid is None:
@@ -150,7 +145,7 @@ def _check_loss_inputs(
     reduction: str,
     eps: float,
 ) -> None:
-    _check_features(features, "features")
+    check_features(features, "features")
     b, _, h, w = features.shape
     check_tensor(target, "target")
     check_integer(target, "target")
@@ -168,7 +163,7 @@ def _check_loss_inputs(
         check_same_device(features, confidence, "features", "confidence")
         check_values_in(confidence, "confidence", 0.0, 1.0)
     if target_features is not None:
-        _check_features(target_features, "target_features")
+        check_features(target_features, "target_features")
         check_shape(target_features, features.shape, "target_features", "(B, C, H, W) of features")
         check_same_device(features, target_features, "features", "target_features")
 

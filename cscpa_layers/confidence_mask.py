@@ -20,19 +20,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cscpa_layers._checks import (
+    DECIMAL_TOLERANCE,
+    check_epoch,
     check_floating,
+    check_generator,
     check_positive_int,
     check_range,
     check_rank,
     check_same_device,
     check_tensor,
     check_values_in,
+    draw_device,
 )
 
-__all__ = ["ConfidenceMasking", "MaskedImages", "confidence_mask"]
-
-# ceil(x - tol): 0.07 * 100 is 7.000000000000001 in floating point and must give 7, not 8
-_CEIL_TOLERANCE = 1e-9
+__all__ = ["ConfidenceMasking", "MaskedImages", "confidence_mask", "keep_hard_schedule"]
 
 
 class MaskedImages(NamedTuple):
@@ -48,8 +49,8 @@ class MaskedImages(NamedTuple):
 
 
 def ceil_count(count: Tensor, fraction: float) -> Tensor:
-    """⌈fraction · count⌉ as int64, exact for fractions given in decimal (see ``_CEIL_TOLERANCE``)."""
-    return torch.ceil(count.double() * fraction - _CEIL_TOLERANCE).clamp_min(0).long()
+    """⌈fraction · count⌉ as int64, exact for fractions given in decimal (``DECIMAL_TOLERANCE``)."""
+    return torch.ceil(count.double() * fraction - DECIMAL_TOLERANCE).clamp_min(0).long()
 
 
 def _ranks(keys: Tensor, *, descending: bool) -> Tensor:
@@ -72,15 +73,6 @@ def _check_probs(probs: Tensor) -> None:
     if probs.shape[1] < 1:
         raise ValueError(f"probs must have at least one class (K >= 1), got shape {tuple(probs.shape)}")
     check_values_in(probs, "probs", 0.0, 1.0)
-
-
-def _check_generator(generator: torch.Generator | None, probs: Tensor) -> None:
-    if generator is None:
-        return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator.device.type != probs.device.type:
-        raise ValueError(f"generator must be on the device of probs ({probs.device}), got {generator.device}")
 
 
 def confidence_mask(
@@ -107,7 +99,9 @@ def confidence_mask(
             column are partial when H or W is not a multiple of it.
         keep_hard: k, the share of foreground patches kept as hard, in [0, 1].
         mask_ratio: r, the share of the other patches that is masked, in [0, 1].
-        generator: random source on the device of ``probs``; the same seed gives the same mask.
+        generator: random source, or None for the global one of ``probs``' device. The random
+            numbers are drawn on the generator's device and moved to ``probs``, so the same
+            seed gives the same mask on any device.
 
     Returns:
         (B, 1, H, W) bool mask on the device of ``probs``, True where masked.
@@ -123,7 +117,7 @@ def confidence_mask(
     check_positive_int(patch_size, "patch_size")
     check_range(keep_hard, "keep_hard", 0.0, 1.0)
     check_range(mask_ratio, "mask_ratio", 0.0, 1.0)
-    _check_generator(generator, probs)
+    check_generator(generator)
     b, _, h, w = probs.shape
     rows, cols = math.ceil(h / patch_size), math.ceil(w / patch_size)
     with torch.no_grad():
@@ -145,7 +139,8 @@ def confidence_mask(
         kept = _ranks(hardness, descending=True) < n_keep[:, None]  # (B, P)
 
         n_mask = ceil_count(rows * cols - n_keep, mask_ratio)  # (B,)
-        scores = torch.rand(b, rows * cols, generator=generator, device=probs.device)  # in [0, 1)
+        device = draw_device(generator, probs.device)
+        scores = torch.rand(b, rows * cols, generator=generator, device=device).to(probs.device)  # [0, 1)
         scores = torch.where(kept, 2.0, scores)  # kept patches sort last and are never chosen
         masked = _ranks(scores, descending=False) < n_mask[:, None]  # (B, P)
 
@@ -225,3 +220,26 @@ class ConfidenceMasking(nn.Module):
             f"patch_size={self.patch_size}, keep_hard={self.keep_hard}, "
             f"mask_ratio={self.mask_ratio}, fill={self.fill}"
         )
+
+
+def keep_hard_schedule(epoch: float, epochs: int, *, start: float = 0.7) -> float:
+    r"""Share of foreground patches kept by the masking: :math:`k = k_0 (1 - t / T)`.
+
+    The paper's schedule of ``keep_hard`` (Sec. 3.4): hard patches are protected early in
+    training and masked like the others by the end.
+
+    Args:
+        epoch: t, the current epoch (a float is fine for per-iteration schedules), in [0, T].
+        epochs: T, the number of epochs.
+        start: k_0, the share at t = 0, in [0, 1] (the paper: 0.7).
+
+    Returns:
+        k, falling linearly from ``start`` to 0.
+
+    Example:
+        >>> keep_hard_schedule(0, 200), keep_hard_schedule(100, 200), keep_hard_schedule(200, 200)
+        (0.7, 0.35, 0.0)
+    """
+    check_epoch(epoch, epochs)
+    check_range(start, "start", 0.0, 1.0)
+    return start * (1 - epoch / epochs)

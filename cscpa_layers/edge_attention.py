@@ -10,20 +10,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cscpa_layers._checks import check_floating, check_range, check_rank, check_same_device, check_shape
+from cscpa_layers._checks import (
+    check_bool,
+    check_features,
+    check_floating,
+    check_positive,
+    check_same_device,
+    check_shape,
+)
 from cscpa_layers.edge_container import AdaptiveEdgeContainer
 
 __all__ = ["EdgePrototypeAttention", "edge_prototype_attention"]
 
 
-def _check_features(x: Tensor) -> None:
-    check_rank(x, 4, "x", "(B, C, H, W)")
-    check_floating(x, "x")
-
-
 def _check_hyper(temperature: float, eps: float) -> None:
-    check_range(temperature, "temperature", 0.0, float("inf"), low_open=True)
-    check_range(eps, "eps", 0.0, float("inf"), low_open=True)
+    check_positive(temperature, "temperature")
+    check_positive(eps, "eps")
 
 
 def edge_prototype_attention(
@@ -34,6 +36,7 @@ def edge_prototype_attention(
     rescale: bool = True,
     gain: Tensor | float = 1.0,
     eps: float = 1e-6,
+    residual: bool = True,
 ) -> Tensor:
     r"""Amplify the pixels that resemble the edge prototype; returns :math:`F + F_e`.
 
@@ -64,9 +67,11 @@ def edge_prototype_attention(
         gain: g, a float or a 0-d tensor (a learnable gate: gradient flows into it) that
             multiplies F_e; 1 is the paper's form.
         eps: smallest norm in the cosine, so all-zero features or prototypes give 0, not NaN.
+        residual: return ``x + F_e`` (True, the paper's form) or the term ``F_e`` alone (False),
+            for a fusion that adds several terms to one x, ``x + F_f + F_e``.
 
     Returns:
-        Tensor of shape (B, C, H, W): ``x + F_e``.
+        Tensor of shape (B, C, H, W): ``x + F_e``, or ``F_e`` with ``residual=False``.
 
     Example:
         >>> x = torch.randn(2, 8, 5, 6)
@@ -77,14 +82,17 @@ def edge_prototype_attention(
         >>> weights = (out - x).norm(dim=1) / prototype.norm()  # (B, H, W)
         >>> torch.allclose(weights.mean(dim=(1, 2)), torch.ones(2))  # rescale: mean weight 1
         True
+        >>> f_e = edge_prototype_attention(x, prototype, residual=False)
+        >>> torch.allclose(x + f_e, out, atol=1e-6)
+        True
     """
-    _check_features(x)
+    check_features(x, "x")
     b, c, h, w = x.shape
     check_shape(prototype, (c,), "prototype", "(C,) with C of x")
     check_floating(prototype, "prototype")
     check_same_device(x, prototype, "x", "prototype")
-    if not isinstance(rescale, bool):
-        raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}")
+    check_bool(rescale, "rescale")
+    check_bool(residual, "residual")
     _check_hyper(temperature, eps)
     if isinstance(gain, Tensor):
         check_shape(gain, (), "gain", "() (a 0-d tensor)")
@@ -104,6 +112,8 @@ def edge_prototype_attention(
     if isinstance(gain, Tensor) or gain != 1:
         weights = weights * gain
     weights = weights.to(x.dtype)
+    if not residual:  # Eq. 10 alone, F_e = Phi_e (x) P_e: (B, 1, N) * (1, C, 1)
+        return (weights.unsqueeze(1) * proto.view(1, c, 1)).view(b, c, h, w)
     # Eq. 10, F_e = Phi_e (x) P_e, added to x in one fused call: (B, 1, N) * (1, C, 1)
     return torch.addcmul(feats, weights.unsqueeze(1), proto.view(1, c, 1)).view(b, c, h, w)
 
@@ -120,6 +130,11 @@ class EdgePrototypeAttention(nn.Module):
     returns x exactly; this is a ``torch.where`` on the ``initialized`` buffer, not a Python
     branch, so ``torch.compile(fullgraph=True)`` works in both states. A bank passed
     explicitly is always used. EPA acts the same in training and eval.
+
+    ``forward(x, bank=None, *, residual=True)`` returns ``x + F_e``; with ``residual=False`` it
+    returns the term ``F_e`` alone (zeros until the container is initialised), so that a model
+    adding FPA and EPA to the same features writes ``x + fpa(x, residual=False) + epa(x,
+    residual=False)``.
 
     **Gate** (a deviation, off by default). With ``gate=True`` the layer returns
     ``x + γ · F_e`` with a learnable scalar γ (``self.gate``) that starts at 0, so switching EPA
@@ -141,17 +156,21 @@ class EdgePrototypeAttention(nn.Module):
     Shape:
         - x: (B, C, H, W).
         - bank: (slots, C) or None.
-        - output: (B, C, H, W).
+        - output: (B, C, H, W), ``x + F_e``, or ``F_e`` with ``residual=False``.
 
     Example:
         >>> epa = EdgePrototypeAttention(8, slots=4)
         >>> x = torch.randn(2, 8, 5, 5)
         >>> torch.equal(epa(x), x)  # not initialised yet: identity
         True
+        >>> bool(epa(x, residual=False).any())  # ... and no term
+        False
         >>> epa.container.initialize(torch.randn(6, 8))
         >>> bank = epa.container.update(torch.randn(6, 8))
         >>> epa(x, bank).shape
         torch.Size([2, 8, 5, 5])
+        >>> torch.allclose(x + epa(x, bank, residual=False), epa(x, bank), atol=1e-6)
+        True
     """
 
     def __init__(
@@ -165,10 +184,8 @@ class EdgePrototypeAttention(nn.Module):
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        if not isinstance(rescale, bool):
-            raise TypeError(f"rescale must be a bool, got {type(rescale).__name__}")
-        if not isinstance(gate, bool):
-            raise TypeError(f"gate must be a bool, got {type(gate).__name__}")
+        check_bool(rescale, "rescale")
+        check_bool(gate, "gate")
         _check_hyper(temperature, eps)
         self.gate = nn.Parameter(torch.zeros(())) if gate else None
         self.container = AdaptiveEdgeContainer(channels, slots=slots)
@@ -178,8 +195,8 @@ class EdgePrototypeAttention(nn.Module):
         self.rescale = rescale
         self.eps = eps
 
-    def forward(self, x: Tensor, bank: Tensor | None = None) -> Tensor:
-        _check_features(x)
+    def forward(self, x: Tensor, bank: Tensor | None = None, *, residual: bool = True) -> Tensor:
+        check_features(x, "x")
         if x.shape[1] != self.channels:
             raise ValueError(
                 f"x must have {self.channels} channels (the layer's `channels`), got {x.shape[1]} "
@@ -192,10 +209,12 @@ class EdgePrototypeAttention(nn.Module):
             rescale=self.rescale,
             gain=1.0 if self.gate is None else self.gate.to(x.dtype),
             eps=self.eps,
+            residual=residual,
         )
         if bank is not None:
             return out
-        return torch.where(self.container.initialized, out, x)
+        # before initialisation: x itself, or a zero term
+        return torch.where(self.container.initialized, out, x if residual else 0.0)
 
     def extra_repr(self) -> str:
         return (

@@ -13,7 +13,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from cscpa_layers._checks import check_floating, check_positive_int, check_rank, check_same_device, check_shape
+from cscpa_layers._checks import (
+    check_floating,
+    check_generator,
+    check_positive_int,
+    check_rank,
+    check_same_device,
+    check_shape,
+    draw_device,
+)
 
 __all__ = ["AdaptiveEdgeContainer"]
 
@@ -53,8 +61,8 @@ def _draw(count: int, slots: int, generator: torch.Generator | None, device: tor
     random permutations, so the bank's mean has less sampling noise than i.i.d. draws give.
     """
     rounds = math.ceil(slots / count)
-    draw_device = device if generator is None else generator.device
-    keys = torch.rand(rounds, count, generator=generator, device=draw_device)  # (rounds, count)
+    # (rounds, count) keys on the generator's device; the chosen indices move to ``device``
+    keys = torch.rand(rounds, count, generator=generator, device=draw_device(generator, device))
     return keys.argsort(dim=1).flatten()[:slots].to(device)  # (slots,)
 
 
@@ -146,10 +154,6 @@ class AdaptiveEdgeContainer(nn.Module):
         check_same_device(self.bank, candidates, "the bank", "candidates")
         return _gather_candidates(candidates.detach().to(self.bank.dtype))
 
-    def _check_generator(self, generator: object) -> None:
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-
     def _initialize_rows(self, rows: Tensor, generator: torch.Generator | None) -> None:
         """Fill the bank from gathered rows (M > 0, the same on every rank)."""
         index = _shared_draw(rows.shape[0], self.slots, generator, rows.device)  # (n,)
@@ -171,7 +175,7 @@ class AdaptiveEdgeContainer(nn.Module):
             candidates: edge features of shape (m, C), e.g. from :func:`select_edge_features`.
             generator: generator of the draw (rank 0's is used under torch.distributed).
         """
-        self._check_generator(generator)
+        check_generator(generator)
         rows = self._candidates(candidates)  # (M, C), all ranks
         if rows.shape[0] == 0:
             raise ValueError(
@@ -198,7 +202,7 @@ class AdaptiveEdgeContainer(nn.Module):
         Returns:
             The new bank C_h of shape (slots, C), in the graph through ``mixer``.
         """
-        self._check_generator(generator)
+        check_generator(generator)
         rows = self._candidates(candidates)  # (M, C), all ranks
         ready = bool(self.initialized)
         if rows.shape[0] == 0 or not ready:

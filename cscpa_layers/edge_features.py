@@ -12,7 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cscpa_layers._checks import (
+    check_features,
     check_floating,
+    check_generator,
+    check_int,
     check_integer,
     check_positive_int,
     check_range,
@@ -20,14 +23,11 @@ from cscpa_layers._checks import (
     check_same_device,
     check_shape,
     check_tensor,
+    check_values_in,
+    draw_device,
 )
 
 __all__ = ["edge_mask", "select_edge_features"]
-
-
-def _check_ignore_index(ignore_index: object) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
 def _check_labels(labels: Tensor, name: str) -> None:
@@ -64,7 +64,7 @@ def edge_mask(labels: Tensor, *, ignore_index: int = 255) -> Tensor:
         tensor(False)
     """
     _check_labels(labels, "labels")
-    _check_ignore_index(ignore_index)
+    check_int(ignore_index, "ignore_index")
     b, h, w = labels.shape
     if h == 0 or w == 0:  # a shape, not a value: fine under torch.compile
         return torch.zeros(b, h, w, dtype=torch.bool, device=labels.device)
@@ -136,17 +136,15 @@ def select_edge_features(
         >>> select_edge_features(features, torch.zeros_like(prediction)).shape  # no edges
         torch.Size([0, 8])
     """
-    check_rank(features, 4, "features", "(B, C, H, W)")
-    check_floating(features, "features")
+    check_features(features, "features")
     b, c, h, w = features.shape
     _check_labels(prediction, "prediction")
     check_shape(prediction, (b, h, w), "prediction", "(B, H, W) of features")
     check_same_device(features, prediction, "features", "prediction")
     check_range(threshold, "threshold", 0.0, 1.0)
     check_positive_int(num, "num")
-    _check_ignore_index(ignore_index)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    check_int(ignore_index, "ignore_index")
+    check_generator(generator)
 
     mask = edge_mask(prediction, ignore_index=ignore_index)  # (B, H, W)
     if target is not None:
@@ -160,14 +158,11 @@ def select_edge_features(
         check_floating(confidence, "confidence")
         check_shape(confidence, (b, h, w), "confidence", "(B, H, W) of features")
         check_same_device(features, confidence, "features", "confidence")
-        if confidence.numel() > 0:
-            low, high = confidence.min().item(), confidence.max().item()
-            if not (0.0 <= low and high <= 1.0):  # also catches NaN
-                raise ValueError(f"confidence must lie in [0, 1], got values in [{low}, {high}]")
+        check_values_in(confidence, "confidence", 0.0, 1.0)  # NaN fails too
         mask &= confidence >= threshold
 
     flat = mask.flatten().nonzero().squeeze(1)  # (M,) indices into B*N, data-dependent M
-    device = features.device if generator is None else generator.device
+    device = draw_device(generator, features.device)
     order = torch.randperm(flat.numel(), generator=generator, device=device)[:num]  # (n,)
     chosen = flat[order.to(flat.device)]  # (n,)
     image, pixel = chosen // (h * w), chosen % (h * w)

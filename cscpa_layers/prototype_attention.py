@@ -16,15 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cscpa_layers._prototype_tokens import prototype_tokens
 from cscpa_layers._checks import (
-    check_floating,
+    check_bool,
+    check_features,
     check_option,
+    check_positive,
     check_positive_int,
     check_rank,
     check_same_device,
     check_shape,
 )
+from cscpa_layers._prototype_tokens import prototype_tokens
 
 __all__ = [
     "ForegroundPrototypeAttention",
@@ -35,11 +37,6 @@ __all__ = [
 
 VALUES_MODES = ("self", "partner")
 EVAL_PAIRINGS = ("identity", "self")
-
-
-def _check_features(x: Tensor, name: str) -> None:
-    check_rank(x, 4, name, "(B, C, H, W)")
-    check_floating(x, name)
 
 
 def channel_prototypes(x: Tensor) -> Tensor:
@@ -60,7 +57,7 @@ def channel_prototypes(x: Tensor) -> Tensor:
         >>> channel_prototypes(x).shape
         torch.Size([2, 8, 8])
     """
-    _check_features(x, "x")
+    check_features(x, "x")
     feats = x.flatten(2)  # (B, C, N)
     weights = feats.softmax(dim=-1)  # (B, C, N), each row sums to 1 over pixels
     return weights @ feats.transpose(1, 2)  # (B, C, C)
@@ -75,7 +72,7 @@ def correlation_map(prototypes: Tensor, x: Tensor, *, eps: float = 1e-6) -> Tens
     Args:
         prototypes: (B, C, C) from :func:`channel_prototypes`.
         x: features of shape (B, C, H, W).
-        eps: smallest norm used by the normalisation.
+        eps: smallest norm used by the normalisation, > 0.
 
     Returns:
         The correlation map Phi of shape (B, C, H, W); ``out[b, c, h, w]`` is the cosine
@@ -87,7 +84,8 @@ def correlation_map(prototypes: Tensor, x: Tensor, *, eps: float = 1e-6) -> Tens
         >>> phi.shape, bool(phi.abs().max() <= 1 + 1e-6)
         (torch.Size([2, 8, 5, 7]), True)
     """
-    _check_features(x, "x")
+    check_features(x, "x")
+    check_positive(eps, "eps")
     b, c, h, w = x.shape
     check_shape(prototypes, (b, c, c), "prototypes", "(B, C, C)")
     protos = F.normalize(prototypes, dim=-1, eps=eps)  # (B, C, C)
@@ -108,6 +106,7 @@ def foreground_prototype_attention(
     values: str = "self",
     eps: float = 1e-6,
     kv_stride: int = 1,
+    residual: bool = True,
 ) -> Tensor:
     r"""Cross-image prototype attention; returns :math:`F + F_f` (paper Eqs. 4-6).
 
@@ -137,28 +136,35 @@ def foreground_prototype_attention(
         out_weight: (C, d) weight of the output projection L_o back to C channels.
         out_bias: (C,) or None.
         values: ``"self"`` or ``"partner"``, which image supplies the values.
-        eps: smallest norm in the cosine normalisations.
+        eps: smallest norm in the cosine normalisations, > 0.
         kv_stride: s; with s > 1 the key and value tokens are averaged over s x s windows of
             their map (a partial window at an odd edge averages the pixels it has) before the
             attention, so every query attends to ceil(H'/s) * ceil(W'/s) tokens: about s²
             times fewer attention FLOPs. Queries and the output keep full resolution. 1 (the
             default) is the paper's exact FPA; s > 1 is our deviation for large crops.
+        residual: return ``x + F_f`` (True, the paper's Eq. 6) or the term ``F_f`` alone
+            (False), for a fusion that adds several terms to one x, ``x + F_f + F_e``.
 
     Returns:
-        Tensor of shape (B, C, H, W): ``x + F_f``.
+        Tensor of shape (B, C, H, W): ``x + F_f``, or ``F_f`` with ``residual=False``.
 
     Example:
         >>> fpa = ForegroundPrototypeAttention(8)
         >>> x = torch.randn(4, 8, 6, 5)
-        >>> out = foreground_prototype_attention(
-        ...     x, None, fpa.key.weight, fpa.key.bias, fpa.value.weight, fpa.value.bias,
-        ...     fpa.out.weight, fpa.out.bias)
+        >>> params = (fpa.key.weight, fpa.key.bias, fpa.value.weight, fpa.value.bias,
+        ...           fpa.out.weight, fpa.out.bias)
+        >>> out = foreground_prototype_attention(x, None, *params)
         >>> out.shape
         torch.Size([4, 8, 6, 5])
+        >>> f_f = foreground_prototype_attention(x, None, *params, residual=False)
+        >>> torch.allclose(x + f_f, out, atol=1e-6)
+        True
     """
-    _check_features(x, "x")
+    check_features(x, "x")
     check_option(values, "values", VALUES_MODES)
+    check_positive(eps, "eps")  # eps = 0 would divide all-zero features by 0
     check_positive_int(kv_stride, "kv_stride")
+    check_bool(residual, "residual")
     b, c, h, w = x.shape
     check_rank(key_weight, 2, "key_weight", "(d, C)")
     d = key_weight.shape[0]
@@ -205,9 +211,13 @@ def foreground_prototype_attention(
     attended = F.scaled_dot_product_attention(
         query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     ).squeeze(1)  # (B, N, d)
+    if not residual:  # F_f = L_o(attended) alone
+        update = torch.matmul(out_weight, attended.transpose(1, 2))  # (C, d) @ (B, d, N) -> (B, C, N)
+        update = update if out_bias is None else update + out_bias[:, None]
+        return update.view(b, c, h, w)
     # x + L_o(attended), produced directly in x's (B, C, N) layout by one fused call
-    residual = x.flatten(2) if out_bias is None else x.flatten(2) + out_bias[:, None]
-    out = torch.baddbmm(residual, out_weight.expand(b, c, d), attended.transpose(1, 2))  # (B, C, N)
+    start = x.flatten(2) if out_bias is None else x.flatten(2) + out_bias[:, None]
+    out = torch.baddbmm(start, out_weight.expand(b, c, d), attended.transpose(1, 2))  # (B, C, N)
     return out.view(b, c, h, w)
 
 
@@ -219,17 +229,19 @@ def _pool_tokens(tokens: Tensor, size: tuple[int, ...] | torch.Size, stride: int
     grid = tokens.transpose(1, 2).reshape(b, d, h, w)  # (B, d, H, W)
     # Zero-pad to whole windows, sum each window and divide by the pixels it really holds.
     # (Not avg_pool2d(ceil_mode=True): torch.compile's backward of it is wrong at odd sizes in
-    # torch 2.14, which test_kv_stride_compiled_equals_eager catches.)
+    # torch 2.14, which the kv_stride case of FPA's compiled-equals-eager check catches.)
     grid = F.pad(grid, (0, cols * stride - w, 0, rows * stride - h))
     sums = grid.view(b, d, rows, stride, cols, stride).sum((3, 5))  # (B, d, rows, cols)
     heights = (h - torch.arange(rows, device=tokens.device) * stride).clamp(max=stride)
     widths = (w - torch.arange(cols, device=tokens.device) * stride).clamp(max=stride)
     counts = (heights[:, None] * widths[None, :]).to(tokens.dtype)  # (rows, cols)
-    return (sums / counts).flatten(2).transpose(1, 2)  # (B, M, d), M = rows * cols
+    # contiguous: the fused attention kernels need a unit stride along d, else SDPA silently
+    # falls back to the math kernel, which holds the (N, M) matrix
+    return (sums / counts).flatten(2).transpose(1, 2).contiguous()  # (B, M, d), M = rows * cols
 
 
 def _check_partner(x: Tensor, partner: Tensor, values: str) -> None:
-    _check_features(partner, "partner")
+    check_features(partner, "partner")
     check_same_device(x, partner, "x", "partner")
     if partner.dtype != x.dtype:
         raise ValueError(f"partner must have dtype {x.dtype} like x, got {partner.dtype}")
@@ -258,25 +270,31 @@ class ForegroundPrototypeAttention(nn.Module):
     eval mode without a partner, ``eval_pairing="identity"`` returns ``x`` unchanged (the
     authors skip FPA at test time) and ``"self"`` pairs each image with itself.
 
+    ``forward(x, partner=None, *, residual=True)`` returns ``x + F_f``; with ``residual=False``
+    it returns the term ``F_f`` alone (zeros where FPA is skipped), so that a model adding FPA
+    and EPA to the same features writes ``x + fpa(x, residual=False) + epa(x, residual=False)``.
+
     Args:
         channels: C, the channels of the feature map.
         key_channels: d, the width of keys and values; default ``max(1, channels // 2)``.
         values: ``"self"`` (paper) or ``"partner"`` (standard cross attention).
         eval_pairing: ``"identity"`` or ``"self"``, what eval mode does without a partner.
-        eps: smallest norm in the cosine normalisations.
+        eps: smallest norm in the cosine normalisations, > 0.
         kv_stride: keys and values averaged over ``kv_stride`` x ``kv_stride`` windows (about
             kv_stride² times fewer attention FLOPs); 1, the default, is the paper's exact FPA.
 
     Shape:
         - x: (B, C, H, W), B even in training unless ``partner`` is given.
         - partner: (B, C, H', W'), with (H', W') = (H, W) under ``values="self"``.
-        - output: (B, C, H, W).
+        - output: (B, C, H, W), ``x + F_f``, or ``F_f`` with ``residual=False``.
 
     Example:
         >>> fpa = ForegroundPrototypeAttention(16)
         >>> x = torch.randn(4, 16, 9, 7)
         >>> fpa(x).shape
         torch.Size([4, 16, 9, 7])
+        >>> torch.allclose(x + fpa(x, residual=False), fpa(x), atol=1e-6)
+        True
         >>> _ = fpa.eval()
         >>> torch.equal(fpa(x[:1]), x[:1])
         True
@@ -298,6 +316,7 @@ class ForegroundPrototypeAttention(nn.Module):
         check_positive_int(key_channels, "key_channels")
         check_option(values, "values", VALUES_MODES)
         check_option(eval_pairing, "eval_pairing", EVAL_PAIRINGS)
+        check_positive(eps, "eps")
         check_positive_int(kv_stride, "kv_stride")
         self.channels = channels
         self.key_channels = key_channels
@@ -309,16 +328,17 @@ class ForegroundPrototypeAttention(nn.Module):
         self.value = nn.Linear(channels, key_channels)
         self.out = nn.Linear(key_channels, channels)
 
-    def forward(self, x: Tensor, partner: Tensor | None = None) -> Tensor:
-        _check_features(x, "x")
+    def forward(self, x: Tensor, partner: Tensor | None = None, *, residual: bool = True) -> Tensor:
+        check_features(x, "x")
         if x.shape[1] != self.channels:
             raise ValueError(
                 f"x must have {self.channels} channels (the layer's `channels`), got {x.shape[1]} "
                 f"in shape {tuple(x.shape)}"
             )
+        check_bool(residual, "residual")
         if partner is None and not self.training:
             if self.eval_pairing == "identity":
-                return x
+                return x if residual else torch.zeros_like(x)  # F_f = 0: FPA is skipped
             partner = x
         return foreground_prototype_attention(
             x,
@@ -332,6 +352,7 @@ class ForegroundPrototypeAttention(nn.Module):
             values=self.values,
             eps=self.eps,
             kv_stride=self.kv_stride,
+            residual=residual,
         )
 
     def extra_repr(self) -> str:

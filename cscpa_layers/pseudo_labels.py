@@ -8,7 +8,8 @@ Two rules decide which pseudo-labels count:
   batch count, with keep_percent rising from 80 to 100 over training
   (:func:`entropy_keep_mask` with :func:`keep_percent_schedule`).
 
-The masking schedule of Sec. 3.4 lives here too (:func:`keep_hard_schedule`).
+The masking schedule of Sec. 3.4, :func:`keep_hard_schedule`, lives with the masking in
+``confidence_mask.py``; it is re-exported here, where it used to be.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from cscpa_layers._checks import check_floating, check_positive_int, check_range, check_rank
+from cscpa_layers._checks import DECIMAL_TOLERANCE, check_epoch, check_floating, check_range, check_rank
+from cscpa_layers.confidence_mask import keep_hard_schedule  # re-export: it lived here before
 
 __all__ = [
     "PseudoLabels",
@@ -28,8 +30,6 @@ __all__ = [
     "keep_percent_schedule",
     "pseudo_labels",
 ]
-
-_ROUND_TOLERANCE = 1e-9  # so that a percentage given in decimal rounds as written
 
 
 class PseudoLabels(NamedTuple):
@@ -115,7 +115,7 @@ def entropy_keep_mask(logits: Tensor, *, keep_percent: float) -> Tensor:
     check_range(keep_percent, "keep_percent", 0.0, 100.0)
     b, _, h, w = logits.shape
     total = b * h * w
-    count = min(total, math.floor(keep_percent / 100 * total + 0.5 + _ROUND_TOLERANCE))
+    count = min(total, math.floor(keep_percent / 100 * total + 0.5 + DECIMAL_TOLERANCE))
     with torch.no_grad():
         log_probs = logits.detach().to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(1)
         entropy = -(log_probs.exp() * log_probs).sum(1)  # (B, H, W)
@@ -123,31 +123,6 @@ def entropy_keep_mask(logits: Tensor, *, keep_percent: float) -> Tensor:
         keep = torch.zeros(total, dtype=torch.bool, device=logits.device)
         keep[order[:count]] = True
         return keep.view(b, h, w)
-
-
-def _check_epoch(epoch: float, epochs: int) -> None:
-    check_positive_int(epochs, "epochs")
-    check_range(epoch, "epoch", 0.0, float(epochs))
-
-
-def keep_hard_schedule(epoch: float, epochs: int, *, start: float = 0.7) -> float:
-    r"""Share of foreground patches kept by the masking: :math:`k = k_0 (1 - t / T)`.
-
-    Args:
-        epoch: t, the current epoch (a float is fine for per-iteration schedules), in [0, T].
-        epochs: T, the number of epochs.
-        start: k_0, the share at t = 0, in [0, 1] (the paper: 0.7).
-
-    Returns:
-        k, falling linearly from ``start`` to 0.
-
-    Example:
-        >>> keep_hard_schedule(0, 200), keep_hard_schedule(100, 200), keep_hard_schedule(200, 200)
-        (0.7, 0.35, 0.0)
-    """
-    _check_epoch(epoch, epochs)
-    check_range(start, "start", 0.0, 1.0)
-    return start * (1 - epoch / epochs)
 
 
 def keep_percent_schedule(epoch: float, epochs: int, *, start: float = 80.0, end: float = 100.0) -> float:
@@ -168,7 +143,7 @@ def keep_percent_schedule(epoch: float, epochs: int, *, start: float = 80.0, end
         >>> keep_percent_schedule(0, 200), keep_percent_schedule(100, 200), keep_percent_schedule(200, 200)
         (80.0, 90.0, 100.0)
     """
-    _check_epoch(epoch, epochs)
+    check_epoch(epoch, epochs)
     check_range(start, "start", 0.0, 100.0)
     check_range(end, "end", 0.0, 100.0)
     return start + (end - start) * epoch / epochs

@@ -1,4 +1,5 @@
-"""PixelAffinityLoss and pixel_affinity: the style-rule-12 checklist, against the dense reference."""
+"""PixelAffinityLoss and pixel_affinity: the shared checklist (tests/op_tester.py) and PAL's own
+hand-computed values and rules."""
 
 from __future__ import annotations
 
@@ -6,25 +7,29 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 import cscpa_layers._neighbour_cosine as neighbour_cosine_module
 from cscpa_layers import NEIGHBOUR_OFFSETS, PixelAffinityLoss, pixel_affinity, pixel_affinity_loss
 from cscpa_layers._reference.affinity_loss import pixel_affinity_dense, pixel_affinity_loss_dense
-from tests.conftest import DEVICES, TOLERANCES, compile_available
+from tests.conftest import TOLERANCES
+from tests.op_tester import BadInput, Call, Case, ModuleCase, OpTester, ReprCase, RunCase
+
+REDUCTIONS = ("mean", "sum", "none")
+
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
     """assert_close with the shared tolerances for ``dtype``."""
     torch.testing.assert_close(actual, expected, atol=TOLERANCES[dtype]["atol"], rtol=TOLERANCES[dtype]["rtol"])
 
 
-Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+Case4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 def _case(
     b: int, c: int, h: int, w: int, *, pseudo: bool, dtype: torch.dtype = torch.float64, seed: int = 0
-) -> Case:
+) -> Case4:
     """Features, labels {0, 1, 2, 255}, a confidence map (pseudo form) and target features."""
     gen = torch.Generator().manual_seed(seed)
     features = torch.randn(b, c, h, w, generator=gen, dtype=dtype)
@@ -35,29 +40,329 @@ def _case(
     return features, target, confidence, target_features
 
 
+def _fast(case: Case4, **kwargs: object) -> torch.Tensor:
+    features, target, confidence, target_features = case
+    return pixel_affinity_loss(features, target, confidence=confidence, target_features=target_features, **kwargs)  # type: ignore[arg-type]
+
+
+def _dense(case: Case4, **kwargs: object) -> torch.Tensor:
+    features, target, confidence, target_features = case
+    return pixel_affinity_loss_dense(features, target, confidence, target_features, **kwargs)  # type: ignore[arg-type]
+
+
+def _loss_call(case: Case4, *, grad: bool = True, **kwargs: object) -> Call:
+    """The call of pixel_affinity_loss on a case; the features (only) require grad."""
+    features, target, confidence, target_features = case
+    options = {"confidence": confidence, "target_features": target_features, **kwargs}
+    return Call((features.requires_grad_(grad), target), options)
+
+
 @st.composite
-def pal_cases(draw: st.DrawFn) -> tuple[Case, str, float]:
+def pal_calls(draw: st.DrawFn) -> Call:
     b = draw(st.integers(1, 3))
     c = draw(st.integers(1, 8))
     h = draw(st.integers(1, 12))
     w = draw(st.integers(1, 12))
     pseudo = draw(st.booleans())
-    reduction = draw(st.sampled_from(["mean", "sum", "none"]))
+    reduction = draw(st.sampled_from(REDUCTIONS))
     threshold = draw(st.sampled_from([0.0, 0.3, 0.8]))
-    return _case(b, c, h, w, pseudo=pseudo, seed=draw(st.integers(0, 2**16))), reduction, threshold
+    case = _case(b, c, h, w, pseudo=pseudo, seed=draw(st.integers(0, 2**16)))
+    return _loss_call(case, grad=False, reduction=reduction, threshold=threshold)
 
 
-def _fast(case: Case, **kwargs: object) -> torch.Tensor:
-    features, target, confidence, target_features = case
-    return pixel_affinity_loss(features, target, confidence=confidence, target_features=target_features, **kwargs)  # type: ignore[arg-type]
+def _good() -> dict[str, torch.Tensor]:
+    return {
+        "features": torch.randn(2, 3, 4, 5),
+        "target": torch.zeros(2, 4, 5, dtype=torch.long),
+        "confidence": torch.rand(2, 4, 5),
+        "target_features": torch.randn(2, 3, 4, 5),
+    }
 
 
-def _dense(case: Case, **kwargs: object) -> torch.Tensor:
-    features, target, confidence, target_features = case
-    return pixel_affinity_loss_dense(features, target, confidence, target_features, **kwargs)  # type: ignore[arg-type]
+def _module_with(name: str, bad: torch.Tensor) -> object:
+    inputs = {**_good(), name: bad}
+    return PixelAffinityLoss()(
+        inputs["features"], inputs["target"], confidence=inputs["confidence"], target_features=inputs["target_features"]
+    )
 
 
-# --- smoke and shapes -----------------------------------------------------------------------
+def _no_valid_pixel(how: str, pseudo: bool) -> Call:
+    size = (1, 1) if how == "one_pixel" else (4, 4)
+    features = torch.randn(2, 3, *size, requires_grad=True)
+    target = torch.ones(2, *size, dtype=torch.long)
+    confidence = torch.ones(2, *size)
+    if how == "ignored":
+        target.fill_(255)
+    elif how == "unconfident":
+        confidence.fill_(0.5)
+    elif how == "isolated":  # one valid pixel, all its neighbours ignored
+        target.fill_(255)
+        target[:, 1, 1] = 1
+    target_features = torch.randn(2, 3, *size) if pseudo else None
+    return Call((features, target), {"confidence": confidence, "target_features": target_features})
+
+
+def _exact_zero_with_zero_gradient(call: Call, out: torch.Tensor) -> None:
+    features, target = call.args
+    for reduction in ("mean", "sum"):
+        loss = pixel_affinity_loss(features, target, **call.kwargs, reduction=reduction)
+        assert loss.item() == 0.0 and loss.requires_grad
+        grad = torch.autograd.grad(loss, features)[0]
+        assert torch.isfinite(grad).all() and not grad.any()
+    none = pixel_affinity_loss(features, target, confidence=call.kwargs["confidence"], reduction="none")
+    assert not none.any()
+
+
+def _finite_in_every_reduction(call: Call, out: torch.Tensor) -> None:
+    features, target = call.args
+    for reduction in REDUCTIONS:
+        loss = pixel_affinity_loss(features, target, **call.kwargs, reduction=reduction)
+        assert torch.isfinite(loss).all()
+        assert torch.isfinite(torch.autograd.grad(loss.sum(), features)[0]).all()
+
+
+def _empty(shape: tuple[int, int, int, int]) -> Call:
+    b, c, h, w = shape
+    features = torch.randn(*shape, requires_grad=True)
+    target = torch.zeros(b, h, w, dtype=torch.long)
+    return Call((features, target), {"confidence": torch.ones(b, h, w), "target_features": torch.randn(*shape)})
+
+
+def _zero_and_none_shaped(call: Call, out: torch.Tensor) -> None:
+    features, target = call.args
+    assert out.item() == 0.0
+    assert pixel_affinity_loss(features, target, reduction="none").shape == target.shape
+
+
+class TestPixelAffinityLossOp(OpTester):
+    function = staticmethod(pixel_affinity_loss)
+    reference = staticmethod(pixel_affinity_loss_dense)
+    not_applicable = {"state_dict": "the loss has no parameters or buffers"}
+
+    def bad_inputs(self) -> list[BadInput]:
+        tensors = [
+            ("target-size", "target", torch.zeros(2, 4, 4, dtype=torch.long), r"target must have shape \(B, H, W\) of features = \(2, 4, 5\), got \(2, 4, 4\)"),
+            ("target-batch", "target", torch.zeros(1, 4, 5, dtype=torch.long), r"target must have shape .* = \(2, 4, 5\), got \(1, 4, 5\)"),
+            ("target-rank", "target", torch.zeros(2, 1, 4, 5, dtype=torch.long), r"target must have shape .* got \(2, 1, 4, 5\)"),
+            ("target-float", "target", torch.zeros(2, 4, 5), r"target must hold integer class labels, got dtype torch.float32"),
+            ("target-negative", "target", torch.full((2, 4, 5), -1), r"target must hold class labels >= 0 or ignore_index=255, got 40 other"),
+            ("confidence-size", "confidence", torch.rand(2, 5, 4), r"confidence must have shape \(B, H, W\) of features = \(2, 4, 5\), got \(2, 5, 4\)"),
+            ("confidence-above-1", "confidence", torch.full((2, 4, 5), 1.5), r"confidence must lie in \[0.0, 1.0\], got 40 value\(s\) outside, e.g. 1.5"),
+            ("confidence-below-0", "confidence", torch.full((2, 4, 5), -0.1), r"confidence must lie in \[0.0, 1.0\]"),
+            ("confidence-nan", "confidence", torch.full((2, 4, 5), float("nan")), r"confidence must lie in \[0.0, 1.0\].*nan"),
+            ("confidence-integer", "confidence", torch.ones(2, 4, 5, dtype=torch.long), r"confidence must be a floating-point tensor"),
+            ("target_features-size", "target_features", torch.randn(2, 3, 4, 4), r"target_features must have shape \(B, C, H, W\) of features = \(2, 3, 4, 5\), got \(2, 3, 4, 4\)"),
+            ("target_features-channels", "target_features", torch.randn(2, 4, 4, 5), r"target_features must have shape .* got \(2, 4, 4, 5\)"),
+            ("features-rank", "features", torch.randn(2, 4, 5), r"features must be 4-D \(B, C, H, W\), got 3-D"),
+            ("features-integer", "features", torch.ones(2, 3, 4, 5, dtype=torch.long), r"features must be a floating-point tensor"),
+        ]
+        cases = [BadInput(i, lambda n=name, t=bad: _module_with(n, t), ValueError, m) for i, name, bad, m in tensors]
+        for name, kwargs, message in [
+            ("reduction", {"reduction": "xyz"}, r"reduction must be one of 'none', 'mean', 'sum', got 'xyz'"),
+            ("threshold", {"threshold": 1.5}, r"threshold must be in \[0.0, 1.0\], got 1.5"),
+            ("eps", {"eps": 0.0}, r"eps must be in \(0.0, 0.5\], got 0.0"),
+        ]:
+            cases.append(BadInput(f"{name}-module", lambda k=kwargs: PixelAffinityLoss(**k), ValueError, message))  # type: ignore[arg-type]
+            cases.append(BadInput(f"{name}-function", lambda k=kwargs: pixel_affinity_loss(_good()["features"], _good()["target"], **k),  # type: ignore[arg-type]
+                                  ValueError, message))
+        cases += [
+            BadInput("ignore_index-float", lambda: PixelAffinityLoss(ignore_index=255.0), TypeError, r"ignore_index must be an int, got float"),  # type: ignore[arg-type]
+            BadInput("target-list", lambda: PixelAffinityLoss()(torch.randn(1, 2, 2, 2), [[0, 1], [1, 0]]), TypeError,  # type: ignore[arg-type]
+                     r"target must be a torch.Tensor, got list"),
+        ]
+        return cases
+
+    def strategies(self) -> dict[str, st.SearchStrategy[Call]]:
+        return {"gt-and-pseudo-forms": pal_calls()}
+
+    def check_output(self, call: Call, out: torch.Tensor) -> None:
+        features, target = call.args
+        assert out.shape == (target.shape if call.kwargs["reduction"] == "none" else ())
+        assert out.dtype == features.dtype
+        # KL >= 0 up to rounding: where q_G = q_Ĝ its two log-differences cancel, and hypothesis
+        # found -2.2e-17 in float64 (under an ulp of 1; the layer does not clamp the KL at 0)
+        assert out.min() >= -8 * torch.finfo(out.dtype).eps
+
+    def reference_cases(self) -> list[Case]:
+        forms = {"gt": False, "pseudo": True}
+        cases = [
+            Case(f"{form}-{reduction}",
+                 lambda dtype, p=pseudo, r=reduction: _loss_call(_case(3, 16, 9, 11, pseudo=p, dtype=dtype), reduction=r, threshold=0.4))
+            for form, pseudo in forms.items()
+            for reduction in REDUCTIONS
+        ]
+        # lines and odd batches (degenerate shapes), in value and gradient
+        cases += [
+            Case(name, lambda dtype, s=shape: _loss_call(_case(*s, pseudo=True, dtype=dtype), threshold=0.2))
+            for name, shape in [("line-1x7", (3, 4, 1, 7)), ("line-7x1", (1, 4, 7, 1)), ("odd-batch-5", (5, 2, 2, 2))]
+        ]
+        return cases
+
+    def gradcheck_cases(self) -> list[Case]:
+        return [
+            Case(form, lambda p=pseudo: _loss_call(_case(2, 3, 4, 5, pseudo=p), threshold=0.3))
+            for form, pseudo in {"gt": False, "pseudo": True}.items()
+        ]
+
+    def module_cases(self) -> list[ModuleCase]:
+        def build(pseudo: bool, **options: object) -> tuple[nn.Module, Call]:
+            features, target, confidence, target_features = _case(2, 5, 6, 7, pseudo=pseudo)
+            kwargs = {"confidence": confidence, "target_features": target_features} if pseudo else {}
+            return PixelAffinityLoss(**options), Call((features, target), kwargs)  # type: ignore[arg-type]
+
+        return [
+            ModuleCase("pseudo-every-option", lambda: build(True, threshold=0.5, ignore_index=2, reduction="sum", eps=1e-5)),
+            ModuleCase("gt-defaults", lambda: build(False)),
+            ModuleCase("gt-none", lambda: build(False, reduction="none")),
+        ]
+
+    def module_as_function(self, module: nn.Module) -> object:
+        assert isinstance(module, PixelAffinityLoss)
+        return lambda features, target, *, confidence=None, target_features=None: pixel_affinity_loss(
+            features, target, confidence=confidence, target_features=target_features, threshold=module.threshold,
+            ignore_index=module.ignore_index, reduction=module.reduction, eps=module.eps,
+        )
+
+    def repr_cases(self) -> list[ReprCase]:
+        return [ReprCase("every-option", lambda: PixelAffinityLoss(threshold=0.5, ignore_index=-1, reduction="sum", eps=1e-5),
+                         ("threshold=0.5", "ignore_index=-1", "reduction='sum'", "eps=1e-05"))]
+
+    def compile_cases(self) -> list[RunCase]:
+        def build() -> tuple[object, Call]:
+            layer = PixelAffinityLoss(threshold=0.3)
+
+            def both_forms(x: torch.Tensor, target: torch.Tensor, confidence: torch.Tensor, target_x: torch.Tensor) -> torch.Tensor:
+                return layer(x, target) + layer(x, target, confidence=confidence, target_features=target_x)
+
+            features, target, confidence, target_features = _case(2, 6, 5, 7, pseudo=True, dtype=torch.float32)
+            return both_forms, Call((features.requires_grad_(), target, confidence, target_features))
+
+        return [RunCase("gt-plus-pseudo", build)]
+
+    def device_cases(self) -> list[RunCase]:
+        return [
+            RunCase(form, lambda p=pseudo: (pixel_affinity_loss, _loss_call(_case(3, 32, 17, 13, pseudo=p, dtype=torch.float32), threshold=0.3)),
+                    tol={"atol": 1e-5, "rtol": 1e-4})
+            for form, pseudo in {"gt": False, "pseudo": True}.items()
+        ]
+
+    def degenerate_cases(self) -> list[Case]:
+        def partly_zero_and_huge() -> Call:
+            features = 1e15 * torch.randn(2, 4, 6, 6)
+            features[:, :, :3] = 0
+            target = (torch.rand(2, 6, 6) > 0.5).long()
+            return Call((features.requires_grad_(), target), {"target_features": features.detach() * 1e-20})
+
+        def zero_features(pseudo: bool) -> Call:
+            target = (torch.rand(2, 5, 5) > 0.5).long()
+            return Call((torch.zeros(2, 4, 5, 5, requires_grad=True), target),
+                        {"target_features": torch.zeros(2, 4, 5, 5) if pseudo else None})
+
+        forms = {"gt": False, "pseudo": True}
+        return [
+            *(
+                Case(f"no-valid-pixel-{how}-{form}", lambda h=how, p=pseudo: _no_valid_pixel(h, p), shape=(),
+                     check=_exact_zero_with_zero_gradient)
+                for how in ("ignored", "unconfident", "one_pixel", "isolated")
+                for form, pseudo in forms.items()
+            ),
+            *(Case(f"zero-features-{form}", lambda p=pseudo: zero_features(p), check=_finite_in_every_reduction)
+              for form, pseudo in forms.items()),
+            Case("partly-zero-and-huge-features", partly_zero_and_huge),
+            *(Case(f"empty-{'x'.join(map(str, shape))}", lambda s=shape: _empty(s), shape=(), check=_zero_and_none_shaped)
+              for shape in [(0, 3, 4, 4), (2, 3, 0, 4), (2, 3, 4, 0), (2, 0, 3, 3)]),
+        ]
+
+
+@st.composite
+def affinity_calls(draw: st.DrawFn) -> Call:
+    b, c, h, w = draw(st.integers(1, 3)), draw(st.integers(1, 6)), draw(st.integers(1, 10)), draw(st.integers(1, 10))
+    features = torch.randn(b, c, h, w, dtype=torch.float64)
+    return Call((features, torch.rand(b, h, w) > 0.2))
+
+
+def _affinity_call(shape: tuple[int, int, int, int], dtype: torch.dtype, *, valid: float = 0.2) -> Call:
+    b, _, h, w = shape
+    return Call((torch.randn(*shape, dtype=dtype, requires_grad=True), torch.rand(b, h, w) > valid))
+
+
+def _no_cosine_and_no_weight(call: Call, out: object) -> None:
+    # all-zero features: every cosine and weight is 0 (eps), not NaN
+    assert not out.cosine.any() and not out.weights.any()  # type: ignore[attr-defined]
+
+
+class TestPixelAffinityOp(OpTester):
+    function = staticmethod(pixel_affinity)
+    reference = staticmethod(pixel_affinity_dense)
+    not_applicable = {
+        "module": "a function only (PixelAffinityLoss is the loss's module)",
+        "repr": "a function only",
+        "state_dict": "a function only",
+        "compile": "the loss's compile case runs the same code (pixel_affinity_loss calls it)",
+    }
+
+    def bad_inputs(self) -> list[BadInput]:
+        features = torch.randn(1, 2, 3, 3)
+        return [
+            BadInput("valid-integer", lambda: pixel_affinity(features, torch.ones(1, 3, 3, dtype=torch.long)), ValueError,
+                     r"valid must be a bool tensor, got dtype torch.int64"),
+            BadInput("valid-size", lambda: pixel_affinity(features, torch.ones(1, 3, 4, dtype=torch.bool)), ValueError,
+                     r"valid must have shape \(B, H, W\) = \(1, 3, 3\), got \(1, 3, 4\)"),
+            BadInput("features-rank", lambda: pixel_affinity(torch.randn(2, 3, 3)), ValueError,
+                     r"features must be 4-D \(B, C, H, W\), got 3-D"),
+            BadInput("eps", lambda: pixel_affinity(features, eps=0.6), ValueError, r"eps must be in \(0.0, 0.5\], got 0.6"),
+        ]
+
+    def strategies(self) -> dict[str, st.SearchStrategy[Call]]:
+        return {"valid-maps": affinity_calls()}
+
+    def check_output(self, call: Call, out: object) -> None:
+        features, _ = call.args
+        b, _, h, w = features.shape
+        for field in out:  # type: ignore[attr-defined]
+            assert field.shape == (b, 8, h, w)
+        aff = out
+        assert aff.valid.dtype == torch.bool  # type: ignore[attr-defined]
+        assert not aff.weights[~aff.valid].any() and not aff.cosine[~aff.valid].any()  # type: ignore[attr-defined]
+        # L1-normalised: |N1| sums to 1 wherever a valid neighbour exists (random features: s != 0)
+        has_neighbour = aff.valid.any(1)  # type: ignore[attr-defined]
+        torch.testing.assert_close(aff.weights.abs().sum(1)[has_neighbour],  # type: ignore[attr-defined]
+                                   torch.ones(int(has_neighbour.sum()), dtype=torch.float64))
+
+    def reference_cases(self) -> list[Case]:
+        return [Case("random-valid-map", lambda dtype: _affinity_call((2, 5, 6, 7), dtype))]
+
+    def gradcheck_cases(self) -> list[Case]:
+        def valid_map(pseudo: bool) -> Call:
+            features, target, _, _ = _case(2, 3, 4, 5, pseudo=pseudo)
+            return Call((features.requires_grad_(), target != 255))
+
+        return [Case(f"valid-map-{form}", lambda p=pseudo: valid_map(p)) for form, pseudo in {"gt": False, "pseudo": True}.items()]
+
+    def device_cases(self) -> list[RunCase]:
+        return [RunCase("float32", lambda: (pixel_affinity, _affinity_call((3, 32, 17, 13), torch.float32)),
+                        tol={"atol": 1e-5, "rtol": 1e-4})]
+
+    def degenerate_cases(self) -> list[Case]:
+        def nothing_valid(call: Call, out: object) -> None:
+            for field in out:  # type: ignore[attr-defined]
+                assert not field.any()
+
+        def one(shape: tuple[int, int, int, int], *, zeros: bool = False, valid: bool = True) -> Call:
+            b, _, h, w = shape
+            features = torch.zeros(*shape) if zeros else torch.randn(*shape)
+            return Call((features.requires_grad_(), torch.full((b, h, w), valid)))
+
+        return [
+            Case("1x1", lambda: one((2, 3, 1, 1)), shape=(2, 8, 1, 1), check=nothing_valid),
+            Case("all-invalid", lambda: one((2, 3, 4, 4), valid=False), shape=(2, 8, 4, 4), reference=True, check=nothing_valid),
+            Case("empty-batch", lambda: one((0, 3, 4, 4)), shape=(0, 8, 4, 4), reference=True),
+            Case("zero-features", lambda: one((2, 3, 4, 4), zeros=True), shape=(2, 8, 4, 4), reference=True, check=_no_cosine_and_no_weight),
+        ]
+
+
+
+# --- PixelAffinityLoss: hand-computed values and rules -----------------------------------------
 
 
 def test_smoke() -> None:
@@ -67,43 +372,6 @@ def test_smoke() -> None:
     loss.backward()
     assert loss.shape == () and loss.dtype == torch.float32 and loss > 0
     assert features.grad is not None and torch.isfinite(features.grad).all()
-
-
-@given(pal_cases())
-def test_shape_and_reference_property(drawn: tuple[Case, str, float]) -> None:
-    case, reduction, threshold = drawn
-    features, target, _, _ = case
-    out = _fast(case, reduction=reduction, threshold=threshold)
-    assert out.shape == (target.shape if reduction == "none" else ())
-    assert out.dtype == features.dtype
-    assert torch.isfinite(out).all() and (out >= 0).all()
-    torch.testing.assert_close(out, _dense(case, reduction=reduction, threshold=threshold))
-
-
-@given(
-    b=st.integers(1, 3),
-    c=st.integers(1, 6),
-    h=st.integers(1, 10),
-    w=st.integers(1, 10),
-)
-def test_pixel_affinity_shapes_and_normalisation(b: int, c: int, h: int, w: int) -> None:
-    features = torch.randn(b, c, h, w, dtype=torch.float64)
-    valid = torch.rand(b, h, w) > 0.2
-    aff = pixel_affinity(features, valid)
-    for field in aff:
-        assert field.shape == (b, 8, h, w)
-    assert aff.valid.dtype == torch.bool
-    assert not aff.weights[~aff.valid].any() and not aff.cosine[~aff.valid].any()
-    # L1-normalised: |N1| sums to 1 wherever a valid neighbour exists (random features: s != 0)
-    has_neighbour = aff.valid.any(1)
-    torch.testing.assert_close(aff.weights.abs().sum(1)[has_neighbour], torch.ones(int(has_neighbour.sum()), dtype=torch.float64))
-    cosine, weights, pair_valid = pixel_affinity_dense(features, valid)
-    torch.testing.assert_close(aff.cosine, cosine)
-    torch.testing.assert_close(aff.weights, weights)
-    assert torch.equal(aff.valid, pair_valid)
-
-
-# --- hand-computed values -------------------------------------------------------------------
 
 
 def test_neighbour_axis_follows_the_offsets() -> None:
@@ -209,34 +477,15 @@ def test_mean_is_over_counted_pixels_only() -> None:
     torch.testing.assert_close(pixel_affinity_loss(features, target), per_pixel.sum() / counted)
 
 
-# --- gradients --------------------------------------------------------------------------------
+def test_negative_ignore_index_is_ignored() -> None:
+    features, target, _, _ = _case(1, 3, 5, 5, pseudo=False)
+    moved = torch.where(target == 255, -100, target)
+    torch.testing.assert_close(
+        pixel_affinity_loss(features, moved, ignore_index=-100), pixel_affinity_loss(features, target)
+    )
 
 
-@pytest.mark.parametrize("pseudo", [False, True], ids=["gt", "pseudo"])
-def test_gradcheck(pseudo: bool) -> None:
-    features, target, confidence, target_features = _case(2, 3, 4, 5, pseudo=pseudo)
-    features.requires_grad_()
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        return pixel_affinity_loss(x, target, confidence=confidence, target_features=target_features, threshold=0.3)
-
-    assert torch.autograd.gradcheck(fn, (features,))
-    assert torch.autograd.gradcheck(lambda x: pixel_affinity(x, target != 255).weights, (features,))
-
-
-@pytest.mark.parametrize("pseudo", [False, True], ids=["gt", "pseudo"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_equals_dense_in_value_and_gradient(pseudo: bool, reduction: str, dtype: torch.dtype) -> None:
-    case = _case(3, 16, 9, 11, pseudo=pseudo, dtype=dtype)
-    features = case[0].requires_grad_()
-    out = _fast(case, reduction=reduction, threshold=0.4)
-    ref = _dense(case, reduction=reduction, threshold=0.4)
-    upstream = torch.rand_like(out)
-    _close(out, ref, dtype)
-    grad = torch.autograd.grad(out, features, upstream)[0]
-    ref_grad = torch.autograd.grad(ref, features, upstream)[0]
-    _close(grad, ref_grad, dtype)
+# --- gradients: chunking, the detached target side -------------------------------------------------
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 40, 300, 10**7])
@@ -274,75 +523,7 @@ def test_target_features_equal_to_features_still_train_the_prediction_side() -> 
     assert features.grad is not None and features.grad.abs().sum() > 0
 
 
-# --- degenerate input -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("how", ["ignored", "unconfident", "one_pixel", "isolated"])
-@pytest.mark.parametrize("pseudo", [False, True], ids=["gt", "pseudo"])
-def test_no_valid_pixel_gives_exact_zero_with_finite_gradient(how: str, pseudo: bool) -> None:
-    size = (1, 1) if how == "one_pixel" else (4, 4)
-    features = torch.randn(2, 3, *size, requires_grad=True)
-    target = torch.ones(2, *size, dtype=torch.long)
-    confidence = torch.ones(2, *size)
-    if how == "ignored":
-        target.fill_(255)
-    elif how == "unconfident":
-        confidence.fill_(0.5)
-    elif how == "isolated":  # one valid pixel, all its neighbours ignored
-        target.fill_(255)
-        target[:, 1, 1] = 1
-    target_features = torch.randn(2, 3, *size) if pseudo else None
-    for reduction in ("mean", "sum"):
-        loss = pixel_affinity_loss(features, target, confidence=confidence, target_features=target_features, reduction=reduction)
-        assert loss.item() == 0.0 and loss.requires_grad
-        grad = torch.autograd.grad(loss, features)[0]
-        assert torch.isfinite(grad).all() and not grad.any()
-    none = pixel_affinity_loss(features, target, confidence=confidence, reduction="none")
-    assert not none.any()
-
-
-@pytest.mark.parametrize("pseudo", [False, True], ids=["gt", "pseudo"])
-def test_zero_features_never_give_inf_or_nan(pseudo: bool) -> None:
-    features = torch.zeros(2, 4, 5, 5, requires_grad=True)
-    target = (torch.rand(2, 5, 5) > 0.5).long()
-    target_features = torch.zeros(2, 4, 5, 5) if pseudo else None
-    for reduction in ("mean", "sum", "none"):
-        loss = pixel_affinity_loss(features, target, target_features=target_features, reduction=reduction)
-        assert torch.isfinite(loss).all()
-        grad = torch.autograd.grad(loss.sum(), features)[0]
-        assert torch.isfinite(grad).all()
-
-
-def test_partly_zero_and_huge_features_stay_finite() -> None:
-    features = 1e15 * torch.randn(2, 4, 6, 6)
-    features[:, :, :3] = 0
-    features.requires_grad_()
-    target = (torch.rand(2, 6, 6) > 0.5).long()
-    loss = pixel_affinity_loss(features, target, target_features=features.detach() * 1e-20)
-    loss.backward()
-    assert torch.isfinite(loss) and features.grad is not None and torch.isfinite(features.grad).all()
-
-
-@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4), (2, 3, 4, 0), (2, 0, 3, 3)])
-def test_empty_inputs(shape: tuple[int, int, int, int]) -> None:
-    b, c, h, w = shape
-    features = torch.randn(*shape, requires_grad=True)
-    target = torch.zeros(b, h, w, dtype=torch.long)
-    confidence = torch.ones(b, h, w)
-    loss = pixel_affinity_loss(features, target, confidence=confidence, target_features=torch.randn(*shape))
-    assert loss.item() == 0.0
-    loss.backward()
-    assert features.grad is not None and features.grad.shape == features.shape
-    assert pixel_affinity_loss(features, target, reduction="none").shape == (b, h, w)
-
-
-def test_lines_and_odd_batches_match_dense() -> None:
-    for shape in [(3, 4, 1, 7), (1, 4, 7, 1), (5, 2, 2, 2)]:
-        case = _case(*shape, pseudo=True)
-        features = case[0].requires_grad_()
-        out, ref = _fast(case, threshold=0.2), _dense(case, threshold=0.2)
-        torch.testing.assert_close(out, ref)
-        torch.testing.assert_close(torch.autograd.grad(out, features)[0], torch.autograd.grad(ref, features)[0])
+# --- precision -------------------------------------------------------------------------------------
 
 
 def test_bfloat16_features_give_a_float32_loss_close_to_float64() -> None:
@@ -354,140 +535,6 @@ def test_bfloat16_features_give_a_float32_loss_close_to_float64() -> None:
     assert out.dtype == torch.float32 and features.grad is not None and features.grad.dtype == torch.bfloat16
     reference = _dense(tuple(t.double() if t is not None and t.is_floating_point() else t for t in low))  # type: ignore[arg-type]
     _close(out.double(), reference, torch.bfloat16)
-
-
-# --- module and compilation -------------------------------------------------------------------
-
-
-def test_module_equals_function() -> None:
-    case = _case(2, 5, 6, 7, pseudo=True)
-    features, target, confidence, target_features = case
-    layer = PixelAffinityLoss(threshold=0.5, ignore_index=2, reduction="sum", eps=1e-5)
-    out = layer(features, target, confidence=confidence, target_features=target_features)
-    expected = pixel_affinity_loss(
-        features, target, confidence=confidence, target_features=target_features,
-        threshold=0.5, ignore_index=2, reduction="sum", eps=1e-5,
-    )
-    assert torch.equal(out, expected)
-
-
-def test_extra_repr_shows_every_hyper_parameter() -> None:
-    text = repr(PixelAffinityLoss(threshold=0.5, ignore_index=-1, reduction="sum", eps=1e-5))
-    for part in ("threshold=0.5", "ignore_index=-1", "reduction='sum'", "eps=1e-05"):
-        assert part in text
-
-
-def test_negative_ignore_index_is_ignored() -> None:
-    features, target, _, _ = _case(1, 3, 5, 5, pseudo=False)
-    moved = torch.where(target == 255, -100, target)
-    torch.testing.assert_close(
-        pixel_affinity_loss(features, moved, ignore_index=-100), pixel_affinity_loss(features, target)
-    )
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not compile_available(), reason="inductor needs a C++ compiler")
-def test_compiled_equals_eager() -> None:
-    layer = PixelAffinityLoss(threshold=0.3)
-
-    def both_forms(x: torch.Tensor, target: torch.Tensor, confidence: torch.Tensor, target_x: torch.Tensor) -> torch.Tensor:
-        return layer(x, target) + layer(x, target, confidence=confidence, target_features=target_x)
-
-    features, target, confidence, target_features = _case(2, 6, 5, 7, pseudo=True, dtype=torch.float32)
-    assert confidence is not None and target_features is not None
-    features.requires_grad_()
-    eager = both_forms(features, target, confidence, target_features)
-    eager_grad = torch.autograd.grad(eager, features)[0]
-    compiled = torch.compile(both_forms, fullgraph=True)
-    out = compiled(features, target, confidence, target_features)
-    grad = torch.autograd.grad(out, features)[0]
-    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(grad, eager_grad, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
-@pytest.mark.parametrize("pseudo", [False, True], ids=["gt", "pseudo"])
-def test_cuda_equals_cpu(pseudo: bool) -> None:
-    case = _case(3, 32, 17, 13, pseudo=pseudo, dtype=torch.float32)
-    features = case[0].requires_grad_()
-    out = _fast(case, threshold=0.3)
-    grad = torch.autograd.grad(out, features)[0]
-    cuda_case = tuple(t.cuda() if t is not None else None for t in case)
-    cuda_features = cuda_case[0].detach().requires_grad_()  # type: ignore[union-attr]
-    cuda_out = _fast((cuda_features, *cuda_case[1:]), threshold=0.3)  # type: ignore[arg-type]
-    cuda_grad = torch.autograd.grad(cuda_out, cuda_features)[0]
-    torch.testing.assert_close(cuda_out.cpu(), out, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(cuda_grad.cpu(), grad, atol=1e-5, rtol=1e-4)
-
-
-# --- bad input --------------------------------------------------------------------------------
-
-
-def _good() -> dict[str, torch.Tensor]:
-    return {
-        "features": torch.randn(2, 3, 4, 5),
-        "target": torch.zeros(2, 4, 5, dtype=torch.long),
-        "confidence": torch.rand(2, 4, 5),
-        "target_features": torch.randn(2, 3, 4, 5),
-    }
-
-
-@pytest.mark.parametrize(
-    ("name", "bad", "message"),
-    [
-        ("target", torch.zeros(2, 4, 4, dtype=torch.long), r"target must have shape \(B, H, W\) of features = \(2, 4, 5\), got \(2, 4, 4\)"),
-        ("target", torch.zeros(1, 4, 5, dtype=torch.long), r"target must have shape .* = \(2, 4, 5\), got \(1, 4, 5\)"),
-        ("target", torch.zeros(2, 1, 4, 5, dtype=torch.long), r"target must have shape .* got \(2, 1, 4, 5\)"),
-        ("target", torch.zeros(2, 4, 5), r"target must hold integer class labels, got dtype torch.float32"),
-        ("target", torch.full((2, 4, 5), -1), r"target must hold class labels >= 0 or ignore_index=255, got 40 other"),
-        ("confidence", torch.rand(2, 5, 4), r"confidence must have shape \(B, H, W\) of features = \(2, 4, 5\), got \(2, 5, 4\)"),
-        ("confidence", torch.full((2, 4, 5), 1.5), r"confidence must lie in \[0.0, 1.0\], got 40 value\(s\) outside, e.g. 1.5"),
-        ("confidence", torch.full((2, 4, 5), -0.1), r"confidence must lie in \[0.0, 1.0\]"),
-        ("confidence", torch.full((2, 4, 5), float("nan")), r"confidence must lie in \[0.0, 1.0\].*nan"),
-        ("confidence", torch.ones(2, 4, 5, dtype=torch.long), r"confidence must be a floating-point tensor"),
-        ("target_features", torch.randn(2, 3, 4, 4), r"target_features must have shape \(B, C, H, W\) of features = \(2, 3, 4, 5\), got \(2, 3, 4, 4\)"),
-        ("target_features", torch.randn(2, 4, 4, 5), r"target_features must have shape .* got \(2, 4, 4, 5\)"),
-        ("features", torch.randn(2, 4, 5), r"features must be 4-D \(B, C, H, W\), got 3-D"),
-        ("features", torch.ones(2, 3, 4, 5, dtype=torch.long), r"features must be a floating-point tensor"),
-    ],
-)
-def test_bad_tensors_raise(name: str, bad: torch.Tensor, message: str) -> None:
-    inputs = _good()
-    inputs[name] = bad
-    with pytest.raises(ValueError, match=message):
-        PixelAffinityLoss()(
-            inputs["features"], inputs["target"], confidence=inputs["confidence"], target_features=inputs["target_features"]
-        )
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"reduction": "xyz"}, r"reduction must be one of 'none', 'mean', 'sum', got 'xyz'"),
-        ({"threshold": 1.5}, r"threshold must be in \[0.0, 1.0\], got 1.5"),
-        ({"eps": 0.0}, r"eps must be in \(0.0, 0.5\], got 0.0"),
-    ],
-)
-def test_bad_options_raise(kwargs: dict[str, object], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        PixelAffinityLoss(**kwargs)  # type: ignore[arg-type]
-    inputs = _good()
-    with pytest.raises(ValueError, match=message):
-        pixel_affinity_loss(inputs["features"], inputs["target"], **kwargs)  # type: ignore[arg-type]
-
-
-def test_bad_types_raise_type_error() -> None:
-    with pytest.raises(TypeError, match=r"ignore_index must be an int, got float"):
-        PixelAffinityLoss(ignore_index=255.0)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"target must be a torch.Tensor, got list"):
-        PixelAffinityLoss()(torch.randn(1, 2, 2, 2), [[0, 1], [1, 0]])
-
-
-def test_pixel_affinity_checks_the_valid_map() -> None:
-    with pytest.raises(ValueError, match=r"valid must be a bool tensor, got dtype torch.int64"):
-        pixel_affinity(torch.randn(1, 2, 3, 3), torch.ones(1, 3, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"valid must have shape \(B, H, W\) = \(1, 3, 3\), got \(1, 3, 4\)"):
-        pixel_affinity(torch.randn(1, 2, 3, 3), torch.ones(1, 3, 4, dtype=torch.bool))
 
 
 def test_autocast_bfloat16_runs_and_backpropagates() -> None:

@@ -1,18 +1,21 @@
-"""confidence_mask and ConfidenceMasking: counts, ranking, reproducibility, the loop reference."""
+"""confidence_mask and ConfidenceMasking: the shared checklist (tests/op_tester.py), counts,
+ranking, randomness and the schedule of keep_hard."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
-from cscpa_layers import ConfidenceMasking, MaskedImages, confidence_mask
+from cscpa_layers import ConfidenceMasking, MaskedImages, confidence_mask, keep_hard_schedule
 from cscpa_layers._reference.confidence_mask import confidence_mask_loop
 from cscpa_layers.confidence_mask import ceil_count
-from tests.conftest import DEVICES
+from tests.op_tester import BadInput, Call, Case, ModuleCase, OpTester, ReprCase, RunCase
 
 
 def _probs(b: int, k: int, h: int, w: int, *, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -58,7 +61,108 @@ def mask_cases(draw: st.DrawFn) -> tuple[torch.Tensor, int, float, float, int]:
     return _probs(b, k, h, w, seed=seed), patch_size, keep_hard, mask_ratio, seed
 
 
-# --- smoke and properties ---------------------------------------------------------------------
+def _mask_call(probs: torch.Tensor, patch_size: int = 57, keep_hard: float = 0.7, mask_ratio: float = 0.7, seed: int | None = 1) -> Call:
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    options = {"patch_size": patch_size, "keep_hard": keep_hard, "mask_ratio": mask_ratio, "generator": generator}
+    return Call((probs,), options)
+
+
+class TestConfidenceMaskOp(OpTester):
+    function = staticmethod(confidence_mask)
+    reference = staticmethod(confidence_mask_loop)
+    not_applicable = {
+        "gradcheck": "a mask of patches, computed without gradient",
+        "state_dict": "the module has no parameters or buffers",
+        "compile": "documented as not meant for torch.compile: it takes a torch.Generator, and it is cheap already",
+    }
+
+    def bad_inputs(self) -> list[BadInput]:
+        cases = []
+        for name, kwargs, error, message in [
+            ("patch_size-0", {"patch_size": 0}, ValueError, r"patch_size must be a positive int, got 0"),
+            ("patch_size-negative", {"patch_size": -3}, ValueError, r"patch_size must be a positive int, got -3"),
+            ("patch_size-float", {"patch_size": 2.5}, TypeError, r"patch_size must be an int, got float"),
+            ("keep_hard", {"keep_hard": 1.2}, ValueError, r"keep_hard must be in \[0.0, 1.0\], got 1.2"),
+            ("mask_ratio", {"mask_ratio": -0.1}, ValueError, r"mask_ratio must be in \[0.0, 1.0\], got -0.1"),
+        ]:
+            cases.append(BadInput(f"{name}-function", lambda k=kwargs: confidence_mask(_probs(1, 2, 4, 4), **k), error, message))  # type: ignore[arg-type]
+            cases.append(BadInput(f"{name}-module", lambda k=kwargs: ConfidenceMasking(**k), error, message))  # type: ignore[arg-type]
+        layer, probs = ConfidenceMasking(patch_size=4), _probs(2, 2, 8, 8)
+        return [
+            *cases,
+            BadInput("probs-rank", lambda: confidence_mask(torch.rand(2, 4, 4)), ValueError, r"probs must be 4-D \(B, K, H, W\), got 3-D"),
+            BadInput("probs-integer", lambda: confidence_mask(torch.ones(1, 2, 4, 4, dtype=torch.long)), ValueError,
+                     r"probs must be a floating-point tensor"),
+            BadInput("probs-range", lambda: confidence_mask(torch.randn(1, 2, 4, 4) * 5), ValueError, r"probs must lie in \[0.0, 1.0\]"),
+            BadInput("probs-no-class", lambda: confidence_mask(torch.rand(1, 0, 4, 4)), ValueError, r"at least one class"),
+            BadInput("generator", lambda: confidence_mask(_probs(1, 2, 4, 4), generator=0), TypeError,  # type: ignore[arg-type]
+                     r"generator must be a torch.Generator or None, got int"),
+            BadInput("images-width", lambda: layer(torch.randn(2, 3, 8, 9), probs), ValueError,
+                     r"probs must have the batch size and spatial size of images, \(B, H, W\) = \(2, 8, 9\), got \(2, 8, 8\)"),
+            BadInput("images-batch", lambda: layer(torch.randn(3, 3, 8, 8), probs), ValueError, r"\(B, H, W\) = \(3, 8, 8\), got \(2, 8, 8\)"),
+            BadInput("images-rank", lambda: layer(torch.randn(3, 8, 8), probs), ValueError, r"images must be 4-D \(B, C_img, H, W\), got 3-D"),
+            BadInput("fill", lambda: ConfidenceMasking(fill="0"), TypeError, r"fill must be a number, got str"),  # type: ignore[arg-type]
+        ]
+
+    def strategies(self) -> dict[str, st.SearchStrategy[Call]]:
+        return {"maps-patches-shares": mask_cases().map(lambda case: _mask_call(*case))}
+
+    def check_output(self, call: Call, out: torch.Tensor) -> None:
+        b, _, h, w = call.args[0].shape
+        assert out.shape == (b, 1, h, w) and out.dtype == torch.bool
+
+    def reference_cases(self) -> list[Case]:
+        # partial patches at the right and bottom edges; the same generator state on both sides
+        return [
+            Case(f"partial-{h}x{w}-by-{patch}", lambda dtype, s=(b, h, w), p=patch: _mask_call(_probs(s[0], 2, s[1], s[2], dtype=dtype), p))
+            for b, h, w, patch in [(1, 5, 7, 57), (3, 57, 58, 57), (2, 30, 23, 7)]
+        ]
+
+    def module_cases(self) -> list[ModuleCase]:
+        def build(keep_hard: float | None) -> tuple[nn.Module, Call]:
+            layer = ConfidenceMasking(patch_size=10, keep_hard=0.7, mask_ratio=0.4)
+            options = {"keep_hard": keep_hard, "generator": torch.Generator().manual_seed(5)}
+            return layer, Call((torch.randn(2, 1, 50, 50), _probs(2, 2, 50, 50)), options)
+
+        return [ModuleCase("constructor-keep_hard", lambda: build(None)), ModuleCase("forward-keep_hard", lambda: build(0.2))]
+
+    def module_as_function(self, module: nn.Module) -> object:
+        assert isinstance(module, ConfidenceMasking)
+        return lambda images, probs, *, keep_hard=None, generator=None: confidence_mask(
+            probs, patch_size=module.patch_size, keep_hard=module.keep_hard if keep_hard is None else keep_hard,
+            mask_ratio=module.mask_ratio, generator=generator,
+        )
+
+    def module_output(self, out: MaskedImages) -> torch.Tensor:
+        return out.mask  # the images are the mask applied; test_module_fills_masked_pixels_and_keeps_the_rest
+
+    def repr_cases(self) -> list[ReprCase]:
+        return [ReprCase("every-option", lambda: ConfidenceMasking(patch_size=16, keep_hard=0.5, mask_ratio=0.6, fill=-1.0),
+                         ("patch_size=16", "keep_hard=0.5", "mask_ratio=0.6", "fill=-1.0"))]
+
+    def device_cases(self) -> list[RunCase]:
+        def build(mask_ratio: float, seed: int | None) -> tuple[object, Call]:
+            return confidence_mask, _mask_call(_probs(3, 2, 120, 130, dtype=torch.float32), 19, mask_ratio=mask_ratio, seed=seed)
+
+        return [
+            # no random choice: the kept (hardest) patches decide
+            *(RunCase(f"no-randomness-{r}", lambda r=r: build(r, None)) for r in (0.0, 1.0)),
+            # the numbers are drawn on the generator's device, so one CPU generator gives the CPU
+            # mask for CUDA probabilities, random choice included
+            *(RunCase(f"cpu-generator-{r}", lambda r=r: build(r, 4)) for r in (0.3, 0.7)),
+        ]
+
+    def degenerate_cases(self) -> list[Case]:
+        return [
+            Case("empty-batch", lambda: _mask_call(_probs(0, 2, 8, 8)), shape=(0, 1, 8, 8), reference=True),
+            Case("zero-height", lambda: _mask_call(_probs(2, 2, 0, 8)), shape=(2, 1, 0, 8), reference=True),
+            Case("1x1", lambda: _mask_call(_probs(2, 2, 1, 1)), shape=(2, 1, 1, 1), reference=True),
+            Case("odd-batch", lambda: _mask_call(_probs(3, 2, 20, 20), 5), shape=(3, 1, 20, 20), reference=True),
+            Case("one-class", lambda: _mask_call(torch.ones(1, 1, 20, 20), 5), shape=(1, 1, 20, 20), reference=True),
+        ]
+
+
+# --- counts, ranking and the loop reference -----------------------------------------------------
 
 
 def test_smoke() -> None:
@@ -95,16 +199,7 @@ def test_counts_follow_the_formula_and_hardest_patches_survive(case: tuple[torch
             assert not patches[i][hard].any()
 
 
-@given(mask_cases())
-def test_equals_the_loop_reference(case: tuple[torch.Tensor, int, float, float, int]) -> None:
-    probs, patch_size, keep_hard, mask_ratio, seed = case
-    fast = confidence_mask(probs, patch_size=patch_size, keep_hard=keep_hard, mask_ratio=mask_ratio,
-                           generator=torch.Generator().manual_seed(seed))
-    loop = confidence_mask_loop(probs, patch_size, keep_hard, mask_ratio, torch.Generator().manual_seed(seed))
-    assert torch.equal(fast, loop)
-
-
-# --- hand-built map ---------------------------------------------------------------------------
+# --- hand-built map --------------------------------------------------------------------------------
 
 
 def _hand_built() -> torch.Tensor:
@@ -170,7 +265,7 @@ def test_argmax_ties_are_background() -> None:
     assert mask.all()  # no foreground patch, so nothing is kept
 
 
-# --- randomness -------------------------------------------------------------------------------
+# --- randomness ------------------------------------------------------------------------------------
 
 
 def test_identical_seeds_give_identical_masks_and_others_differ() -> None:
@@ -196,16 +291,15 @@ def test_masked_patches_are_spread_uniformly() -> None:
     assert ((frequency - 0.5).abs() < 0.06).all()
 
 
-# --- degenerate input -------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generator_is_reproducible() -> None:
+    cuda = _probs(3, 2, 120, 130, dtype=torch.float32).cuda()
+    a = confidence_mask(cuda, patch_size=19, generator=torch.Generator("cuda").manual_seed(0))
+    b = confidence_mask(cuda, patch_size=19, generator=torch.Generator("cuda").manual_seed(0))
+    assert a.device.type == "cuda" and torch.equal(a, b)
 
 
-@pytest.mark.parametrize("shape", [(0, 2, 8, 8), (2, 2, 0, 8), (2, 2, 1, 1), (1, 2, 5, 7), (3, 2, 57, 58)])
-def test_degenerate_and_partial_shapes(shape: tuple[int, int, int, int]) -> None:
-    probs = _probs(*shape)
-    mask = confidence_mask(probs, patch_size=57)
-    assert mask.shape == (shape[0], 1, *shape[2:])
-    loop = confidence_mask_loop(probs, 57, 0.7, 0.7, torch.Generator().manual_seed(1))
-    assert torch.equal(confidence_mask(probs, patch_size=57, generator=torch.Generator().manual_seed(1)), loop)
+# --- precision and the module ----------------------------------------------------------------------
 
 
 def test_low_precision_probabilities_match_float64() -> None:
@@ -217,9 +311,6 @@ def test_low_precision_probabilities_match_float64() -> None:
     assert torch.equal(got32, expected)
     got16 = confidence_mask(probs.bfloat16(), patch_size=57, generator=torch.Generator().manual_seed(0))
     assert torch.equal(_patch_view(got16, 57).sum((1, 2)), _patch_view(expected, 57).sum((1, 2)))
-
-
-# --- the module -------------------------------------------------------------------------------
 
 
 def test_module_fills_masked_pixels_and_keeps_the_rest() -> None:
@@ -234,76 +325,20 @@ def test_module_fills_masked_pixels_and_keeps_the_rest() -> None:
     assert out.mask.any() and not out.mask.all()
 
 
-def test_module_equals_function_and_keep_hard_overrides() -> None:
-    images = torch.randn(2, 1, 50, 50)
-    probs = _probs(2, 2, 50, 50)
-    layer = ConfidenceMasking(patch_size=10, keep_hard=0.7, mask_ratio=0.4)
-    for keep_hard in (None, 0.2):
-        out = layer(images, probs, keep_hard=keep_hard, generator=torch.Generator().manual_seed(5))
-        expected = confidence_mask(probs, patch_size=10, keep_hard=0.7 if keep_hard is None else keep_hard,
-                                   mask_ratio=0.4, generator=torch.Generator().manual_seed(5))
-        assert torch.equal(out.mask, expected)
+# --- the schedule of keep_hard ---------------------------------------------------------------------
 
 
-def test_extra_repr_shows_every_hyper_parameter() -> None:
-    text = repr(ConfidenceMasking(patch_size=16, keep_hard=0.5, mask_ratio=0.6, fill=-1.0))
-    for part in ("patch_size=16", "keep_hard=0.5", "mask_ratio=0.6", "fill=-1.0"):
-        assert part in text
+def test_keep_hard_schedule() -> None:
+    assert keep_hard_schedule(0, 200) == pytest.approx(0.7)
+    assert keep_hard_schedule(50, 200) == pytest.approx(0.525)
+    assert keep_hard_schedule(200, 200) == 0.0
+    assert keep_hard_schedule(2.5, 10, start=0.4) == pytest.approx(0.3)
 
 
-@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
-def test_cuda_is_reproducible_and_agrees_with_cpu_where_no_randomness_is_involved() -> None:
-    probs = _probs(3, 2, 120, 130, dtype=torch.float32)
-    cuda = probs.cuda()
-    a = confidence_mask(cuda, patch_size=19, generator=torch.Generator("cuda").manual_seed(0))
-    b = confidence_mask(cuda, patch_size=19, generator=torch.Generator("cuda").manual_seed(0))
-    assert a.device.type == "cuda" and torch.equal(a, b)
-    for mask_ratio in (0.0, 1.0):  # no random choice: the kept (hardest) patches decide
-        expected = confidence_mask(probs, patch_size=19, mask_ratio=mask_ratio)
-        assert torch.equal(confidence_mask(cuda, patch_size=19, mask_ratio=mask_ratio).cpu(), expected)
-
-
-# --- bad input --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "message"),
-    [
-        ({"patch_size": 0}, ValueError, r"patch_size must be a positive int, got 0"),
-        ({"patch_size": -3}, ValueError, r"patch_size must be a positive int, got -3"),
-        ({"patch_size": 2.5}, TypeError, r"patch_size must be an int, got float"),
-        ({"keep_hard": 1.2}, ValueError, r"keep_hard must be in \[0.0, 1.0\], got 1.2"),
-        ({"mask_ratio": -0.1}, ValueError, r"mask_ratio must be in \[0.0, 1.0\], got -0.1"),
-    ],
-)
-def test_bad_options_raise(kwargs: dict[str, object], error: type[Exception], message: str) -> None:
-    with pytest.raises(error, match=message):
-        confidence_mask(_probs(1, 2, 4, 4), **kwargs)  # type: ignore[arg-type]
-    with pytest.raises(error, match=message):
-        ConfidenceMasking(**kwargs)  # type: ignore[arg-type]
-
-
-def test_bad_probs_raise() -> None:
-    with pytest.raises(ValueError, match=r"probs must be 4-D \(B, K, H, W\), got 3-D"):
-        confidence_mask(torch.rand(2, 4, 4))
-    with pytest.raises(ValueError, match=r"probs must be a floating-point tensor"):
-        confidence_mask(torch.ones(1, 2, 4, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"probs must lie in \[0.0, 1.0\]"):
-        confidence_mask(torch.randn(1, 2, 4, 4) * 5)
-    with pytest.raises(ValueError, match=r"at least one class"):
-        confidence_mask(torch.rand(1, 0, 4, 4))
-    with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got int"):
-        confidence_mask(_probs(1, 2, 4, 4), generator=0)  # type: ignore[arg-type]
-
-
-def test_module_rejects_mismatched_images() -> None:
-    layer = ConfidenceMasking(patch_size=4)
-    probs = _probs(2, 2, 8, 8)
-    with pytest.raises(ValueError, match=r"probs must have the batch size and spatial size of images, \(B, H, W\) = \(2, 8, 9\), got \(2, 8, 8\)"):
-        layer(torch.randn(2, 3, 8, 9), probs)
-    with pytest.raises(ValueError, match=r"\(B, H, W\) = \(3, 8, 8\), got \(2, 8, 8\)"):
-        layer(torch.randn(3, 3, 8, 8), probs)
-    with pytest.raises(ValueError, match=r"images must be 4-D \(B, C_img, H, W\), got 3-D"):
-        layer(torch.randn(3, 8, 8), probs)
-    with pytest.raises(TypeError, match=r"fill must be a number, got str"):
-        ConfidenceMasking(fill="0")  # type: ignore[arg-type]
+def test_keep_hard_schedule_lives_with_the_masking_and_is_re_exported() -> None:
+    # importlib: the package attribute `confidence_mask` is the function, not the module
+    masking_module = importlib.import_module("cscpa_layers.confidence_mask")
+    pseudo_labels_module = importlib.import_module("cscpa_layers.pseudo_labels")
+    assert keep_hard_schedule.__module__ == "cscpa_layers.confidence_mask"
+    # the old home and the package root still give the same function
+    assert masking_module.keep_hard_schedule is pseudo_labels_module.keep_hard_schedule is keep_hard_schedule

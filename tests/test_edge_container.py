@@ -1,8 +1,8 @@
-"""AdaptiveEdgeContainer: Eq. 7-8, learning, persistence, candidate counts and torch.distributed."""
+"""AdaptiveEdgeContainer: the shared checklist (tests/op_tester.py) on the update of Eq. 7, and the
+container's own tests (learning, persistence, candidate counts, torch.distributed)."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
@@ -11,11 +11,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call
 
 from cscpa_layers import AdaptiveEdgeContainer
 from cscpa_layers._reference.edge_attention import container_update_dense
 from cscpa_layers.edge_container import _draw
-from tests.conftest import DEVICES
+from tests.op_tester import BadInput, Call, Case, OpTester, ReprCase, RunCase, StateCase
 
 
 def _seeded(seed: int) -> torch.Generator:
@@ -28,7 +30,154 @@ def _ready(channels: int = 4, slots: int = 6, dtype: torch.dtype = torch.float32
     return container
 
 
-# --- construction and Eq. 7 -------------------------------------------------------------------
+class _Update(nn.Module):
+    """``forward`` is the container's ``update``, so that torch.func can call it on given state."""
+
+    def __init__(self, container: AdaptiveEdgeContainer) -> None:
+        super().__init__()
+        self.container = container
+
+    def forward(self, candidates: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return self.container.update(candidates, generator)
+
+
+def container_update(
+    candidates: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bank: torch.Tensor, *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """:meth:`AdaptiveEdgeContainer.update` as a function of the state it reads: the mixer's
+    weight and bias and the stored bank C_{h-1} (an initialised container). Returns C_h."""
+    slots, channels = bank.shape
+    module = _Update(AdaptiveEdgeContainer(channels, slots=slots).to(bank.dtype))
+    state = {
+        "container.mixer.weight": weight,
+        "container.mixer.bias": bias,
+        "container.bank": bank.clone(),  # update writes the new bank into it; the caller's stays
+        "container.initialized": torch.tensor(True, device=bank.device),
+    }
+    out: torch.Tensor = functional_call(module, state, (candidates, generator))
+    return out
+
+
+def container_update_reference(
+    candidates: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bank: torch.Tensor, *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Eq. 7 written out, on the rows the layer's draw picks with the same generator state."""
+    drawn = candidates[_draw(candidates.shape[0], bank.shape[0], generator, candidates.device)]
+    return container_update_dense(drawn.to(bank.dtype), bank, weight, bias)
+
+
+def _update_call(
+    count: int, channels: int, slots: int, dtype: torch.dtype, *, seed: int = 5, trained: bool = True
+) -> Call:
+    """Candidates, a mixer (trained-looking, or the initial blend) that requires grad, and a bank."""
+    blend = AdaptiveEdgeContainer(channels, slots=slots).to(dtype).mixer
+    weight = torch.randn(slots, 2 * slots, dtype=dtype) if trained else blend.weight.detach().clone()
+    bias = torch.randn(slots, dtype=dtype) if trained else blend.bias.detach().clone()
+    candidates = torch.randn(count, channels, dtype=dtype)
+    bank = torch.randn(slots, channels, dtype=dtype)
+    return Call((candidates, weight.requires_grad_(), bias.requires_grad_(), bank), {"generator": _seeded(seed)})
+
+
+@st.composite
+def update_calls(draw: st.DrawFn) -> Call:
+    slots, channels, count = draw(st.integers(1, 16)), draw(st.integers(1, 6)), draw(st.integers(1, 40))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    return _update_call(count, channels, slots, dtype, seed=draw(st.integers(0, 2**16)), trained=draw(st.booleans()))
+
+
+class TestAdaptiveEdgeContainerUpdateOp(OpTester):
+    function = staticmethod(container_update)
+    reference = staticmethod(container_update_reference)
+    not_applicable = {
+        "module": "the container is the module; the function checked here is built from it",
+        "compile": "update's candidate count is data-dependent: documented as not for torch.compile(fullgraph=True)",
+    }
+
+    def bad_inputs(self) -> list[BadInput]:
+        cases = []
+        for name, candidates, error, message in [
+            ("channels", torch.randn(5, 3), ValueError, r"candidates must have shape \(n, C\) with C = 4 .* got \(5, 3\)"),
+            ("rank-3", torch.randn(5, 4, 1), ValueError, r"candidates must be 2-D \(n, C\), got 3-D"),
+            ("rank-1", torch.randn(4), ValueError, r"candidates must be 2-D \(n, C\), got 1-D"),
+            ("integer", torch.ones(5, 4, dtype=torch.long), ValueError, r"candidates must be a floating-point tensor"),
+            ("device", torch.empty(5, 4, device="meta"), ValueError,
+             r"candidates must be on the same device as the bank \(cpu\), got meta"),
+            ("type", [[1.0] * 4], TypeError, r"candidates must be a torch.Tensor, got list"),
+        ]:
+            for method in ("initialize", "update"):
+                cases.append(BadInput(f"candidates-{name}-{method}",
+                                      lambda c=candidates, m=method: getattr(AdaptiveEdgeContainer(4, slots=3), m)(c),
+                                      error, message))
+        container = AdaptiveEdgeContainer
+        return [
+            *cases,
+            BadInput("initialize-from-0-candidates", lambda: container(4, slots=3).initialize(torch.empty(0, 4)), ValueError,
+                     r"cannot initialize the edge container from 0 candidates"),
+            BadInput("generator", lambda: container(4, slots=3).update(torch.randn(5, 4), 0), TypeError,  # type: ignore[arg-type]
+                     r"generator must be a torch.Generator or None, got int"),
+            BadInput("slots", lambda: container(4, slots=0), ValueError, r"slots must be a positive int, got 0"),
+            BadInput("channels", lambda: container(-1), ValueError, r"channels must be a positive int, got -1"),
+            BadInput("channels-type", lambda: container(4.0), TypeError, r"channels must be an int, got float"),  # type: ignore[arg-type]
+            BadInput("bank-shape", lambda: container(4, slots=3).prototype(torch.randn(2, 4)), ValueError,
+                     r"bank must have shape \(slots, C\) = \(3, 4\), got \(2, 4\)"),
+            BadInput("bank-integer", lambda: container(4, slots=3).prototype(torch.ones(3, 4, dtype=torch.long)), ValueError,
+                     r"bank must be a floating-point tensor"),
+        ]
+
+    def strategies(self) -> dict[str, st.SearchStrategy[Call]]:
+        return {"candidates-slots-channels": update_calls()}
+
+    def check_output(self, call: Call, out: torch.Tensor) -> None:
+        bank = call.args[3]
+        assert out.shape == bank.shape and out.dtype == bank.dtype
+
+    def reference_cases(self) -> list[Case]:
+        return [
+            Case("trained-mixer", lambda dtype: _update_call(7, 5, 4, dtype)),
+            Case("blend-mixer", lambda dtype: _update_call(9, 4, 6, dtype, trained=False)),
+            Case("fewer-candidates-than-slots", lambda dtype: _update_call(3, 4, 8, dtype)),
+        ]
+
+    def gradcheck_cases(self) -> list[Case]:
+        return [
+            Case("trained-mixer", lambda: _update_call(5, 3, 4, torch.float64, seed=7)),
+            Case("fewer-candidates-than-slots", lambda: _update_call(2, 3, 5, torch.float64, seed=7)),
+        ]
+
+    def repr_cases(self) -> list[ReprCase]:
+        return [ReprCase("channels-slots", lambda: AdaptiveEdgeContainer(4, slots=6), ("channels=4, slots=6",))]
+
+    def state_cases(self) -> list[StateCase]:
+        def build() -> tuple[nn.Module, nn.Module, object]:
+            container = _ready(4, 6)
+            container.update(torch.randn(9, 4))
+            probe = lambda c: (c.initialized, c.bank, c.prototype())  # noqa: E731
+            return container, AdaptiveEdgeContainer(4, slots=6), probe
+
+        return [StateCase("initialized-and-updated", build)]  # type: ignore[arg-type]
+
+    def device_cases(self) -> list[RunCase]:
+        # a CPU generator draws the same rows for CUDA data: the draw runs on its device
+        return [RunCase("cpu-generator", lambda: (container_update, _update_call(9, 4, 6, torch.float32, seed=0)),
+                        tol={"atol": 1e-5, "rtol": 1.3e-6})]
+
+    def degenerate_cases(self) -> list[Case]:
+        def kept(call: Call, out: torch.Tensor) -> None:
+            assert torch.equal(out, call.args[3])  # the bank as it was
+            weight, bias = call.args[1:3]
+            for grad in torch.autograd.grad(out.sum(), [weight, bias]):  # in the graph, zero gradient
+                assert not grad.any()
+
+        return [
+            Case("zero-candidates", lambda: _update_call(0, 4, 6, torch.float32), shape=(6, 4), check=kept),
+            Case("one-candidate", lambda: _update_call(1, 4, 6, torch.float64), shape=(6, 4), reference=True, gradcheck=True),
+            Case("one-slot-one-channel", lambda: _update_call(3, 1, 1, torch.float64), shape=(1, 1), reference=True),
+        ]
+
+
+# --- the container's own tests ------------------------------------------------------------------
 
 
 def test_state_starts_empty_with_a_blend_mixer() -> None:
@@ -60,41 +209,7 @@ def test_update_with_exactly_slots_candidates_moves_the_prototype_halfway() -> N
     torch.testing.assert_close(container.prototype(), 0.5 * (candidates.mean(0) + old_proto))
 
 
-def test_update_equals_the_dense_eq7_in_value_and_gradient() -> None:
-    container = _ready(5, 4, torch.float64)
-    with torch.no_grad():  # a trained-looking mixer, not the blend
-        container.mixer.weight.normal_()
-        container.mixer.bias.normal_()
-    old = container.bank.clone()
-    candidates = torch.randn(7, 5, dtype=torch.float64)
-    drawn = candidates[_draw(7, 4, _seeded(5), torch.device("cpu"))]
-    new = container.update(candidates, _seeded(5))
-    params = [container.mixer.weight, container.mixer.bias]
-    upstream = torch.randn(4, 5, dtype=torch.float64)
-    grads = torch.autograd.grad(new, params, upstream)
-    ref = container_update_dense(drawn, old, *params)
-    ref_grads = torch.autograd.grad(ref, params, upstream)
-    torch.testing.assert_close(new, ref)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want)
-
-
-def test_gradcheck_through_the_mixer() -> None:
-    container = _ready(3, 4, torch.float64)
-    start = container.bank.clone()
-    candidates = torch.randn(5, 3, dtype=torch.float64)
-
-    def fn(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        # weight and bias ARE the mixer's parameters (gradcheck perturbs them in place); reset
-        # the bank and the draw so every evaluation sees the same C_{h-1} and E_h.
-        with torch.no_grad():
-            container.bank.copy_(start)
-        return container.update(candidates, _seeded(7))
-
-    assert torch.autograd.gradcheck(fn, (container.mixer.weight, container.mixer.bias))
-
-
-# --- learning and the graph -------------------------------------------------------------------
+# --- learning and the graph ------------------------------------------------------------------------
 
 
 def test_update_trains_the_mixer_but_not_the_features() -> None:
@@ -137,12 +252,7 @@ def test_update_before_initialize_initializes() -> None:
     assert sorted(container.bank[:, 0].tolist()) == sorted(candidates[:, 0].tolist())
 
 
-def test_initialize_with_zero_candidates_raises() -> None:
-    with pytest.raises(ValueError, match=r"cannot initialize the edge container from 0 candidates"):
-        AdaptiveEdgeContainer(4, slots=3).initialize(torch.empty(0, 4))
-
-
-# --- candidate counts -------------------------------------------------------------------------
+# --- candidate counts ------------------------------------------------------------------------------
 
 
 def test_initialize_draws_without_replacement_when_it_can() -> None:
@@ -179,20 +289,7 @@ def test_bank_shape_never_changes(slots: int, channels: int, counts: list[int]) 
     assert bool(container.initialized) == any(c > 0 for c in counts)
 
 
-# --- persistence and dtype --------------------------------------------------------------------
-
-
-def test_bank_and_flag_survive_a_state_dict_round_trip() -> None:
-    container = _ready(4, 6)
-    container.update(torch.randn(9, 4))
-    buffer = io.BytesIO()
-    torch.save(container.state_dict(), buffer)
-    buffer.seek(0)
-    fresh = AdaptiveEdgeContainer(4, slots=6)
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    assert bool(fresh.initialized)
-    assert torch.equal(fresh.bank, container.bank)
-    assert torch.equal(fresh.prototype(), container.prototype())
+# --- dtype and the prototype -----------------------------------------------------------------------
 
 
 def test_to_double_converts_the_bank_and_keeps_the_flag_bool() -> None:
@@ -206,20 +303,6 @@ def test_prototype_is_the_mean_of_a_given_bank() -> None:
     container = AdaptiveEdgeContainer(2, slots=2)
     bank = torch.tensor([[1.0, 4.0], [3.0, 0.0]])
     assert torch.equal(container.prototype(bank), torch.tensor([2.0, 2.0]))
-
-
-def test_extra_repr() -> None:
-    assert "channels=4, slots=6" in repr(AdaptiveEdgeContainer(4, slots=6))
-
-
-@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
-def test_cuda_equals_cpu() -> None:
-    cpu = _ready(4, 6)
-    gpu = _ready(4, 6).cuda()
-    candidates = torch.randn(9, 4)
-    gpu.update(candidates.cuda(), torch.Generator("cpu").manual_seed(0))
-    cpu.update(candidates, _seeded(0))
-    torch.testing.assert_close(gpu.bank.cpu(), cpu.bank)
 
 
 # --- torch.distributed ------------------------------------------------------------------------
@@ -273,46 +356,3 @@ def test_two_ranks_hold_identical_banks(tmp_path: Path) -> None:
         else:
             single.update(candidates, generator)
         torch.testing.assert_close(single.bank, rank0[step])
-
-
-# --- bad input --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("candidates", "error", "message"),
-    [
-        (torch.randn(5, 3), ValueError, r"candidates must have shape \(n, C\) with C = 4 .* got \(5, 3\)"),
-        (torch.randn(5, 4, 1), ValueError, r"candidates must be 2-D \(n, C\), got 3-D"),
-        (torch.randn(4), ValueError, r"candidates must be 2-D \(n, C\), got 1-D"),
-        (torch.ones(5, 4, dtype=torch.long), ValueError, r"candidates must be a floating-point tensor"),
-        (torch.empty(5, 4, device="meta"), ValueError, r"candidates must be on the same device as the bank \(cpu\), got meta"),
-        ([[1.0] * 4], TypeError, r"candidates must be a torch.Tensor, got list"),
-    ],
-)
-@pytest.mark.parametrize("method", ["initialize", "update"])
-def test_bad_candidates_raise(candidates: object, error: type[Exception], message: str, method: str) -> None:
-    container = AdaptiveEdgeContainer(4, slots=3)
-    with pytest.raises(error, match=message):
-        getattr(container, method)(candidates)
-
-
-def test_bad_generator_raises() -> None:
-    with pytest.raises(TypeError, match=r"generator must be a torch.Generator or None, got int"):
-        AdaptiveEdgeContainer(4, slots=3).update(torch.randn(5, 4), 0)  # type: ignore[arg-type]
-
-
-def test_bad_constructor_arguments_raise() -> None:
-    with pytest.raises(ValueError, match=r"slots must be a positive int, got 0"):
-        AdaptiveEdgeContainer(4, slots=0)
-    with pytest.raises(ValueError, match=r"channels must be a positive int, got -1"):
-        AdaptiveEdgeContainer(-1)
-    with pytest.raises(TypeError, match=r"channels must be an int, got float"):
-        AdaptiveEdgeContainer(4.0)  # type: ignore[arg-type]
-
-
-def test_bank_of_the_wrong_shape_raises() -> None:
-    container = AdaptiveEdgeContainer(4, slots=3)
-    with pytest.raises(ValueError, match=r"bank must have shape \(slots, C\) = \(3, 4\), got \(2, 4\)"):
-        container.prototype(torch.randn(2, 4))
-    with pytest.raises(ValueError, match=r"bank must be a floating-point tensor"):
-        container.prototype(torch.ones(3, 4, dtype=torch.long))

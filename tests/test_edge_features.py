@@ -1,15 +1,15 @@
-"""edge_mask and select_edge_features: hand-drawn masks, the dense reference, properties, errors."""
+"""edge_mask and select_edge_features: the shared checklist (tests/op_tester.py), hand-drawn
+masks and the rules of the candidate selection."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cscpa_layers import edge_mask, select_edge_features
 from cscpa_layers._reference.edge_attention import edge_mask_dense
-from tests.conftest import DEVICES, compile_available
+from tests.op_tester import BadInput, Call, Case, OpTester, RunCase
 
 I = 255  # the ignore label, short so the hand-drawn masks stay readable
 
@@ -41,7 +41,186 @@ def _pixel_ids(b: int, c: int, h: int, w: int) -> torch.Tensor:
     return feats
 
 
-# --- edge_mask: hand-drawn masks ------------------------------------------------------------
+def _lesion(b: int = 2, h: int = 8, w: int = 8) -> torch.Tensor:
+    labels = torch.zeros(b, h, w, dtype=torch.long)
+    labels[:, 2:6, 3:7] = 1
+    return labels
+
+
+def _labels_with_ignored_rows(shape: tuple[int, int, int]) -> torch.Tensor:
+    labels = torch.randint(0, 3, shape)
+    labels[0, : shape[1] // 3] = I
+    return labels
+
+
+class TestEdgeMaskOp(OpTester):
+    function = staticmethod(edge_mask)
+    reference = staticmethod(edge_mask_dense)
+    # the dtype of the labels: any integer dtype gives the same mask
+    reference_dtypes = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    not_applicable = {
+        "gradcheck": "integer labels in, a bool mask out: there is no gradient",
+        "module": "a function only",
+        "repr": "a function only",
+        "state_dict": "a function only",
+    }
+
+    def bad_inputs(self) -> list[BadInput]:
+        long = torch.long
+        return [
+            *(
+                BadInput(f"rank-{len(shape)}", lambda shape=shape: edge_mask(torch.zeros(shape, dtype=long)), ValueError,
+                         r"labels must be 3-D \(B, H, W\), got \d-D")
+                for shape in [(4, 4), (1, 1, 4, 4), (4,)]
+            ),
+            BadInput("float", lambda: edge_mask(torch.zeros(1, 3, 3)), ValueError,
+                     r"labels must hold integer class labels, got dtype torch.float32"),
+            BadInput("bool", lambda: edge_mask(torch.zeros(1, 3, 3, dtype=torch.bool)), ValueError,
+                     r"labels must hold integer class labels, got dtype torch.bool"),
+            BadInput("list", lambda: edge_mask([[[0, 1]]]), TypeError, r"labels must be a torch.Tensor, got list"),  # type: ignore[arg-type]
+            BadInput("ignore_index-float", lambda: edge_mask(torch.zeros(1, 3, 3, dtype=long), ignore_index=255.0),  # type: ignore[arg-type]
+                     TypeError, r"ignore_index must be an int, got float"),
+        ]
+
+    def strategies(self) -> dict[str, st.SearchStrategy[Call]]:
+        return {"label-maps": label_maps().map(lambda case: Call((case[0],), {"ignore_index": case[1]}))}
+
+    def check_output(self, call: Call, out: torch.Tensor) -> None:
+        labels, ignore_index = call.args[0], call.kwargs["ignore_index"]
+        assert out.shape == labels.shape and out.dtype == torch.bool
+        assert not (out & (labels == ignore_index)).any()  # an ignored pixel is never an edge
+
+    def reference_cases(self) -> list[Case]:
+        # values that every integer dtype holds (int8 stops at 127): 0, 1, 2 and 100 ignored
+        def random(dtype: torch.dtype) -> Call:
+            labels = torch.randint(0, 3, (2, 6, 7))
+            labels[0, :2] = 100
+            return Call((labels.to(dtype),), {"ignore_index": 100})
+
+        return [
+            Case("two-classes", lambda dtype: Call((_mask([[0, 0, 1], [0, 0, 0]]).to(dtype),))),
+            Case("three-classes-and-ignored", random),
+        ]
+
+    def compile_cases(self) -> list[RunCase]:
+        return [RunCase("ignored-rows", lambda: (edge_mask, Call((_labels_with_ignored_rows((2, 7, 9)),))))]
+
+    def device_cases(self) -> list[RunCase]:
+        return [RunCase("ignored-rows", lambda: (edge_mask, Call((_labels_with_ignored_rows((3, 9, 11)),))))]
+
+    def degenerate_cases(self) -> list[Case]:
+        def no_edge(call: Call, out: torch.Tensor) -> None:
+            assert not out.any()
+
+        def both_edges(call: Call, out: torch.Tensor) -> None:
+            assert out.tolist() == [[[True, True]]]
+
+        return [
+            Case("1x1", lambda: Call((torch.tensor([[[1]]]),)), shape=(1, 1, 1), reference=True, check=no_edge),
+            Case("1x2-two-classes", lambda: Call((torch.tensor([[[0, 1]]]),)), reference=True, check=both_edges),
+            Case("empty-batch", lambda: Call((torch.zeros(0, 4, 4, dtype=torch.long),)), shape=(0, 4, 4), reference=True),
+            Case("zero-height", lambda: Call((torch.zeros(2, 0, 4, dtype=torch.long),)), shape=(2, 0, 4), reference=True),
+            Case("one-class", lambda: Call((torch.ones(2, 5, 4, dtype=torch.long),)), reference=True, check=no_edge),
+            Case("all-ignored", lambda: Call((torch.full((2, 5, 4), I, dtype=torch.long),)), reference=True, check=no_edge),
+            Case("odd-batch", lambda: Call((_labels_with_ignored_rows((3, 5, 5)),)), shape=(3, 5, 5), reference=True),
+        ]
+
+
+def _select_bad_input(**change: object) -> object:
+    arguments: dict[str, object] = {"features": torch.randn(2, 4, 5, 6), "prediction": torch.zeros(2, 5, 6, dtype=torch.long),
+                                    **change}
+    return select_edge_features(**arguments)  # type: ignore[arg-type]
+
+
+@st.composite
+def select_calls(draw: st.DrawFn) -> Call:
+    labels, _ = draw(label_maps())
+    c = draw(st.integers(1, 6))
+    num = draw(st.integers(1, 50))
+    b, h, w = labels.shape
+    return Call((torch.randn(b, c, h, w), labels.clamp(0, 1)), {"num": num})
+
+
+class TestSelectEdgeFeaturesOp(OpTester):
+    function = staticmethod(select_edge_features)
+    not_applicable = {
+        "reference": "a random draw: test_select_* check the drawn rows against edge_mask instead",
+        "gradcheck": "the rows are an index copy in a random order; test_selected_rows_stay_in_the_graph checks "
+                     "where the gradient goes",
+        "module": "a function only",
+        "repr": "a function only",
+        "state_dict": "a function only",
+        "compile": "the row count is data-dependent: documented as not for torch.compile(fullgraph=True)",
+    }
+
+    def bad_inputs(self) -> list[BadInput]:
+        cases = [
+            ("features-rank", {"features": torch.randn(4, 5, 6)}, ValueError, r"features must be 4-D \(B, C, H, W\), got 3-D"),
+            ("features-integer", {"features": torch.ones(2, 4, 5, 6, dtype=torch.long)}, ValueError, r"features must be a floating-point tensor"),
+            ("prediction-rank", {"prediction": torch.zeros(2, 1, 5, 6, dtype=torch.long)}, ValueError, r"prediction must be 3-D \(B, H, W\), got 4-D"),
+            ("prediction-size", {"prediction": torch.zeros(2, 10, 12, dtype=torch.long)}, ValueError, r"prediction must have shape \(B, H, W\) of features = \(2, 5, 6\), got \(2, 10, 12\)"),
+            ("prediction-batch", {"prediction": torch.zeros(1, 5, 6, dtype=torch.long)}, ValueError, r"prediction must have shape .* = \(2, 5, 6\), got \(1, 5, 6\)"),
+            ("prediction-float", {"prediction": torch.zeros(2, 5, 6)}, ValueError, r"prediction must hold integer class labels, got dtype torch.float32"),
+            ("target-size", {"target": torch.zeros(2, 5, 5, dtype=torch.long)}, ValueError, r"target must have shape \(B, H, W\) of features = \(2, 5, 6\), got \(2, 5, 5\)"),
+            ("target-float", {"target": torch.zeros(2, 5, 6)}, ValueError, r"target must hold integer class labels, got dtype torch.float32"),
+            ("confidence-size", {"confidence": torch.ones(2, 6, 5)}, ValueError, r"confidence must have shape \(B, H, W\) of features = \(2, 5, 6\), got \(2, 6, 5\)"),
+            ("confidence-rank", {"confidence": torch.ones(2, 1, 5, 6)}, ValueError, r"confidence must be 3-D \(B, H, W\), got 4-D"),
+            ("confidence-integer", {"confidence": torch.ones(2, 5, 6, dtype=torch.long)}, ValueError, r"confidence must be a floating-point tensor"),
+            ("confidence-above-1", {"confidence": torch.full((2, 5, 6), 1.5)}, ValueError, r"confidence must lie in \[0.0, 1.0\], got 60 value\(s\) outside, e.g. 1.5"),
+            ("confidence-below-0", {"confidence": torch.full((2, 5, 6), -0.1)}, ValueError, r"confidence must lie in \[0.0, 1.0\]"),
+            ("confidence-nan", {"confidence": torch.full((2, 5, 6), float("nan"))}, ValueError, r"confidence must lie in \[0.0, 1.0\].*nan"),
+            ("num-0", {"num": 0}, ValueError, r"num must be a positive int, got 0"),
+            ("num-negative", {"num": -3}, ValueError, r"num must be a positive int, got -3"),
+            ("threshold", {"threshold": 1.5}, ValueError, r"threshold must be in \[0.0, 1.0\], got 1.5"),
+            ("num-float", {"num": 2.0}, TypeError, r"num must be an int, got float"),
+            ("threshold-str", {"threshold": "high"}, TypeError, r"threshold must be a number, got str"),
+            ("generator", {"generator": 0}, TypeError, r"generator must be a torch.Generator or None, got int"),
+            ("confidence-list", {"confidence": [[0.5]]}, TypeError, r"confidence must be a torch.Tensor, got list"),
+            ("target-str", {"target": "labels"}, TypeError, r"target must be a torch.Tensor, got str"),
+            ("ignore_index-none", {"ignore_index": None}, TypeError, r"ignore_index must be an int, got NoneType"),
+        ]
+        return [BadInput(name, lambda c=change: _select_bad_input(**c), error, message) for name, change, error, message in cases]
+
+    def strategies(self) -> dict[str, st.SearchStrategy[Call]]:
+        return {"label-maps": select_calls()}
+
+    def check_output(self, call: Call, out: torch.Tensor) -> None:
+        feats, prediction = call.args
+        count = int(edge_mask(prediction).sum())
+        assert out.shape == (min(call.kwargs["num"], count), feats.shape[1])
+        assert out.dtype == feats.dtype
+
+    def device_cases(self) -> list[RunCase]:
+        def ids(out: torch.Tensor, expected: torch.Tensor) -> None:
+            # every candidate is drawn (num > #candidates): the same set, in some order
+            assert sorted(out[:, 0].long().tolist()) == sorted(expected[:, 0].long().tolist())
+            assert out.shape[0] == int(edge_mask(_lesion()).sum())
+
+        def build(device: str) -> tuple[object, Call]:  # the draw runs on the generator's device
+            return select_edge_features, Call((_pixel_ids(2, 3, 8, 8), _lesion()), {"num": 1000, "generator": torch.Generator(device)})
+
+        return [RunCase(f"{device}-generator", lambda d=device: build(d), compare=ids) for device in ("cuda", "cpu")]  # type: ignore[arg-type,return-value]
+
+    def degenerate_cases(self) -> list[Case]:
+        def some_rows(call: Call, out: torch.Tensor) -> None:
+            assert out.shape[0] > 0  # (and finite, as every degenerate output)
+
+        def every_candidate(call: Call, out: torch.Tensor) -> None:
+            features, prediction = call.args
+            assert out.shape == (int(edge_mask(prediction).sum()), features.shape[1])
+
+        return [
+            Case("all-ignored", lambda: Call((torch.randn(2, 4, 5, 5), torch.full((2, 5, 5), I))), shape=(0, 4)),
+            Case("1x1", lambda: Call((torch.randn(3, 4, 1, 1), torch.ones(3, 1, 1, dtype=torch.long))), shape=(0, 4)),
+            Case("empty-batch", lambda: Call((torch.randn(0, 4, 5, 5), torch.zeros(0, 5, 5, dtype=torch.long))), shape=(0, 4)),
+            Case("zero-features", lambda: Call((torch.zeros(2, 4, 8, 8, requires_grad=True), _lesion())), check=some_rows),
+            Case("nothing-confident", lambda: Call((torch.randn(2, 4, 5, 5), _lesion(2, 5, 5)), {"confidence": torch.zeros(2, 5, 5)}),
+                 shape=(0, 4)),
+            Case("odd-batch", lambda: Call((torch.randn(3, 4, 8, 8), _lesion(3)), {"num": 1000}), check=every_candidate),
+        ]
+
+
+# --- edge_mask: hand-drawn masks --------------------------------------------------------------
 
 
 def test_lesion_touching_the_border() -> None:
@@ -117,37 +296,6 @@ def test_labels_beyond_float32_precision_stay_distinct() -> None:
     assert edge_mask(labels).all()
 
 
-def test_uniform_and_all_ignored_maps_have_no_edges() -> None:
-    assert not edge_mask(torch.ones(2, 5, 4, dtype=torch.long)).any()
-    assert not edge_mask(torch.full((2, 5, 4), I, dtype=torch.long)).any()
-
-
-def test_degenerate_sizes() -> None:
-    assert edge_mask(torch.tensor([[[1]]])).tolist() == [[[False]]]  # 1x1
-    assert edge_mask(torch.zeros(0, 4, 4, dtype=torch.long)).shape == (0, 4, 4)
-    assert edge_mask(torch.zeros(2, 0, 4, dtype=torch.long)).shape == (2, 0, 4)
-    assert edge_mask(torch.tensor([[[0, 1]]])).tolist() == [[[True, True]]]  # 1x2
-
-
-def test_any_integer_dtype() -> None:
-    labels = _mask([[0, 0, 1], [0, 0, 0]])
-    expected = edge_mask(labels)
-    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
-        assert torch.equal(edge_mask(labels.to(dtype)), expected)
-
-
-# --- edge_mask: properties ------------------------------------------------------------------
-
-
-@given(label_maps())
-def test_edge_mask_matches_the_dense_reference(case: tuple[torch.Tensor, int]) -> None:
-    labels, ignore_index = case
-    out = edge_mask(labels, ignore_index=ignore_index)
-    assert out.shape == labels.shape and out.dtype == torch.bool
-    assert torch.equal(out, edge_mask_dense(labels, ignore_index))
-    assert not (out & (labels == ignore_index)).any()
-
-
 @given(label_maps())
 def test_binary_edges_are_symmetric_in_the_two_classes(case: tuple[torch.Tensor, int]) -> None:
     labels, _ = case
@@ -155,13 +303,7 @@ def test_binary_edges_are_symmetric_in_the_two_classes(case: tuple[torch.Tensor,
     assert torch.equal(edge_mask(binary), edge_mask(1 - binary))
 
 
-# --- select_edge_features -------------------------------------------------------------------
-
-
-def _lesion(b: int = 2, h: int = 8, w: int = 8) -> torch.Tensor:
-    labels = torch.zeros(b, h, w, dtype=torch.long)
-    labels[:, 2:6, 3:7] = 1
-    return labels
+# --- select_edge_features: which rows, how many, in which graph ------------------------------------
 
 
 def test_select_smoke_and_rows_come_from_edge_pixels() -> None:
@@ -222,112 +364,3 @@ def test_selected_rows_stay_in_the_graph() -> None:
     assert feats.grad is not None
     touched = feats.grad.abs().sum(1)[0] > 0  # (H, W)
     assert torch.equal(touched, edge_mask(prediction)[0])
-
-
-@st.composite
-def select_cases(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, int]:
-    labels, _ = draw(label_maps())
-    c = draw(st.integers(1, 6))
-    num = draw(st.integers(1, 50))
-    b, h, w = labels.shape
-    return torch.randn(b, c, h, w), labels.clamp(0, 1), num
-
-
-@given(select_cases())
-def test_select_returns_min_of_num_and_candidates(case: tuple[torch.Tensor, torch.Tensor, int]) -> None:
-    feats, prediction, num = case
-    rows = select_edge_features(feats, prediction, num=num)
-    count = int(edge_mask(prediction).sum())
-    assert rows.shape == (min(num, count), feats.shape[1])
-    assert rows.dtype == feats.dtype
-
-
-def test_select_degenerate_inputs() -> None:
-    feats = torch.randn(2, 4, 5, 5)
-    assert select_edge_features(feats, torch.full((2, 5, 5), I)).shape == (0, 4)  # all ignored
-    assert select_edge_features(torch.randn(3, 4, 1, 1), torch.ones(3, 1, 1, dtype=torch.long)).shape == (0, 4)
-    assert select_edge_features(torch.randn(0, 4, 5, 5), torch.zeros(0, 5, 5, dtype=torch.long)).shape == (0, 4)
-    zero = select_edge_features(torch.zeros(2, 4, 8, 8), _lesion())
-    assert zero.shape[0] > 0 and torch.isfinite(zero).all()
-    low = select_edge_features(feats, _lesion(2, 5, 5), confidence=torch.zeros(2, 5, 5))
-    assert low.shape == (0, 4)
-
-
-@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
-def test_cuda_equals_cpu() -> None:
-    labels = torch.randint(0, 3, (3, 9, 11))
-    labels[0, :3] = I
-    assert torch.equal(edge_mask(labels.cuda()).cpu(), edge_mask(labels))
-    feats = _pixel_ids(2, 3, 8, 8)
-    want = sorted(select_edge_features(feats, _lesion(), num=1000)[:, 0].long().tolist())
-    for generator in (torch.Generator("cuda"), torch.Generator("cpu")):  # draw on either device
-        rows = select_edge_features(feats.cuda(), _lesion().cuda(), num=1000, generator=generator)
-        assert sorted(rows[:, 0].long().tolist()) == want
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not compile_available(), reason="inductor needs a C++ compiler")
-def test_edge_mask_compiled_equals_eager() -> None:
-    labels = torch.randint(0, 3, (2, 7, 9))
-    labels[0, :2] = I
-    compiled = torch.compile(edge_mask, fullgraph=True)
-    assert torch.equal(compiled(labels), edge_mask(labels))
-
-
-# --- bad input --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("shape", [(4, 4), (1, 1, 4, 4), (4,)])
-def test_edge_mask_wrong_rank_raises(shape: tuple[int, ...]) -> None:
-    with pytest.raises(ValueError, match=r"labels must be 3-D \(B, H, W\), got \d-D"):
-        edge_mask(torch.zeros(shape, dtype=torch.long))
-
-
-def test_edge_mask_bad_types() -> None:
-    with pytest.raises(ValueError, match=r"labels must hold integer class labels, got dtype torch.float32"):
-        edge_mask(torch.zeros(1, 3, 3))
-    with pytest.raises(ValueError, match=r"labels must hold integer class labels, got dtype torch.bool"):
-        edge_mask(torch.zeros(1, 3, 3, dtype=torch.bool))
-    with pytest.raises(TypeError, match=r"labels must be a torch.Tensor, got list"):
-        edge_mask([[[0, 1]]])  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"ignore_index must be an int, got float"):
-        edge_mask(torch.zeros(1, 3, 3, dtype=torch.long), ignore_index=255.0)  # type: ignore[arg-type]
-
-
-def _args() -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(2, 4, 5, 6), torch.zeros(2, 5, 6, dtype=torch.long)
-
-
-@pytest.mark.parametrize(
-    ("change", "error", "message"),
-    [
-        ({"features": torch.randn(4, 5, 6)}, ValueError, r"features must be 4-D \(B, C, H, W\), got 3-D"),
-        ({"features": torch.ones(2, 4, 5, 6, dtype=torch.long)}, ValueError, r"features must be a floating-point tensor"),
-        ({"prediction": torch.zeros(2, 1, 5, 6, dtype=torch.long)}, ValueError, r"prediction must be 3-D \(B, H, W\), got 4-D"),
-        ({"prediction": torch.zeros(2, 10, 12, dtype=torch.long)}, ValueError, r"prediction must have shape \(B, H, W\) of features = \(2, 5, 6\), got \(2, 10, 12\)"),
-        ({"prediction": torch.zeros(1, 5, 6, dtype=torch.long)}, ValueError, r"prediction must have shape .* = \(2, 5, 6\), got \(1, 5, 6\)"),
-        ({"prediction": torch.zeros(2, 5, 6)}, ValueError, r"prediction must hold integer class labels, got dtype torch.float32"),
-        ({"target": torch.zeros(2, 5, 5, dtype=torch.long)}, ValueError, r"target must have shape \(B, H, W\) of features = \(2, 5, 6\), got \(2, 5, 5\)"),
-        ({"target": torch.zeros(2, 5, 6)}, ValueError, r"target must hold integer class labels, got dtype torch.float32"),
-        ({"confidence": torch.ones(2, 6, 5)}, ValueError, r"confidence must have shape \(B, H, W\) of features = \(2, 5, 6\), got \(2, 6, 5\)"),
-        ({"confidence": torch.ones(2, 1, 5, 6)}, ValueError, r"confidence must be 3-D \(B, H, W\), got 4-D"),
-        ({"confidence": torch.ones(2, 5, 6, dtype=torch.long)}, ValueError, r"confidence must be a floating-point tensor"),
-        ({"confidence": torch.full((2, 5, 6), 1.5)}, ValueError, r"confidence must lie in \[0, 1\], got values in \[1.5, 1.5\]"),
-        ({"confidence": torch.full((2, 5, 6), -0.1)}, ValueError, r"confidence must lie in \[0, 1\]"),
-        ({"confidence": torch.full((2, 5, 6), float("nan"))}, ValueError, r"confidence must lie in \[0, 1\]"),
-        ({"num": 0}, ValueError, r"num must be a positive int, got 0"),
-        ({"num": -3}, ValueError, r"num must be a positive int, got -3"),
-        ({"threshold": 1.5}, ValueError, r"threshold must be in \[0.0, 1.0\], got 1.5"),
-        ({"num": 2.0}, TypeError, r"num must be an int, got float"),
-        ({"threshold": "high"}, TypeError, r"threshold must be a number, got str"),
-        ({"generator": 0}, TypeError, r"generator must be a torch.Generator or None, got int"),
-        ({"confidence": [[0.5]]}, TypeError, r"confidence must be a torch.Tensor, got list"),
-        ({"target": "labels"}, TypeError, r"target must be a torch.Tensor, got str"),
-        ({"ignore_index": None}, TypeError, r"ignore_index must be an int, got NoneType"),
-    ],
-)
-def test_select_bad_input_raises(change: dict[str, object], error: type[Exception], message: str) -> None:
-    features, prediction = _args()
-    kwargs: dict[str, object] = {"features": features, "prediction": prediction, **change}
-    with pytest.raises(error, match=message):
-        select_edge_features(**kwargs)  # type: ignore[arg-type]

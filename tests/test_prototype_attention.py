@@ -1,13 +1,11 @@
-"""ForegroundPrototypeAttention: the style-rule-12 checklist, against the dense reference."""
+"""ForegroundPrototypeAttention: the shared checklist (tests/op_tester.py) and FPA's own tests."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
-from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cscpa_layers import (
@@ -16,12 +14,18 @@ from cscpa_layers import (
     correlation_map,
     foreground_prototype_attention,
 )
+from cscpa_layers._prototype_tokens import prototype_tokens
 from cscpa_layers._reference.prototype_attention import (
     channel_prototypes_dense,
     correlation_map_dense,
     foreground_prototype_attention_dense,
 )
-from tests.conftest import DEVICES, TOLERANCES, compile_available
+from tests.conftest import TOLERANCES
+from tests.op_tester import BadInput, Call, Case, ModuleCase, OpTester, ReprCase, RunCase, StateCase
+
+VALUES = ("self", "partner")
+PAIRINGS = ("halves", "self", "explicit")
+TOL64 = TOLERANCES[torch.float64]
 
 
 def _params(layer: ForegroundPrototypeAttention) -> tuple[torch.Tensor, ...]:
@@ -41,6 +45,24 @@ def _dense(layer: ForegroundPrototypeAttention, x: torch.Tensor, partner: torch.
     )
 
 
+def _call(layer: ForegroundPrototypeAttention, x: torch.Tensor, partner: torch.Tensor | None, **kwargs: object) -> Call:
+    """The function call that ``layer(x, partner)`` makes in training."""
+    options = {"values": layer.values, "eps": layer.eps, "kv_stride": layer.kv_stride, **kwargs}
+    return Call((x, partner, *_params(layer)), options)
+
+
+def _paired(
+    pairing: str, dtype: torch.dtype, *, values: str = "self", kv_stride: int = 1, shape: tuple[int, ...] = (2, 6, 3, 4),
+    key_channels: int = 4, grad: bool = True, **kwargs: object,
+) -> Call:
+    """A call in one of the three pairings: the batch halves, x with itself, an explicit partner."""
+    layer = ForegroundPrototypeAttention(shape[1], key_channels=key_channels, values=values, kv_stride=kv_stride)
+    layer = layer.to(dtype).requires_grad_(grad)
+    x = torch.randn(*shape, dtype=dtype, requires_grad=grad)
+    partner = {"halves": None, "self": x, "explicit": torch.randn(*shape, dtype=dtype, requires_grad=grad)}[pairing]
+    return _call(layer, x, partner, **kwargs)
+
+
 @st.composite
 def fpa_cases(draw: st.DrawFn) -> tuple[int, int, int, int, torch.dtype]:
     b = 2 * draw(st.integers(1, 3))
@@ -51,7 +73,234 @@ def fpa_cases(draw: st.DrawFn) -> tuple[int, int, int, int, torch.dtype]:
     return b, c, h, w, dtype
 
 
-# --- smoke and shapes -----------------------------------------------------------------------
+@st.composite
+def halves_calls(draw: st.DrawFn, strides: st.SearchStrategy[int] = st.just(1)) -> Call:
+    """Random sizes and dtypes, the batch halves paired."""
+    b, c, h, w, dtype = draw(fpa_cases())
+    layer = ForegroundPrototypeAttention(c, values=draw(st.sampled_from(VALUES)), kv_stride=draw(strides)).to(dtype)
+    return _call(layer, torch.randn(b, c, h, w, dtype=dtype), None)
+
+
+@st.composite
+def partner_calls(draw: st.DrawFn) -> Call:
+    """values="partner" with a partner of another spatial size."""
+    b, c = draw(st.integers(1, 3)), draw(st.integers(1, 8))
+    size, partner_size = (draw(st.tuples(st.integers(1, 6), st.integers(1, 6))) for _ in range(2))
+    layer = ForegroundPrototypeAttention(c, values="partner").double()
+    x = torch.randn(b, c, *size, dtype=torch.float64)
+    return _call(layer, x, torch.randn(b, c, *partner_size, dtype=torch.float64))
+
+
+def _bad_call(**change: object) -> object:
+    """foreground_prototype_attention on a valid (2, 4, 2, 2) call with ``change`` applied."""
+    layer = ForegroundPrototypeAttention(4)
+    params = dict(zip(("key_weight", "key_bias", "value_weight", "value_bias", "out_weight", "out_bias"), _params(layer)))
+    arguments: dict[str, object] = {"x": torch.randn(2, 4, 2, 2), "partner": None, **params, **change}
+    return foreground_prototype_attention(**arguments)  # type: ignore[arg-type]
+
+
+class TestForegroundPrototypeAttentionOp(OpTester):
+    function = staticmethod(foreground_prototype_attention)
+    reference = staticmethod(foreground_prototype_attention_dense)
+
+    def bad_inputs(self) -> list[BadInput]:
+        layer = ForegroundPrototypeAttention
+        cases = [
+            BadInput("odd-batch-halves", lambda: layer(4)(torch.randn(3, 4, 2, 2)), ValueError, r"even batch size, got B=3"),
+            *(
+                BadInput(f"rank-{len(shape)}", lambda shape=shape: layer(4)(torch.randn(*shape)), ValueError,
+                         r"x must be 4-D \(B, C, H, W\), got \d-D")
+                for shape in [(4, 2, 2), (2, 4, 2, 2, 1), (4,)]
+            ),
+            BadInput("channels", lambda: layer(4)(torch.randn(2, 3, 2, 2)), ValueError, r"x must have 4 channels .* got 3"),
+            BadInput("partner-size-under-self-values", lambda: layer(4, values="self")(torch.randn(2, 4, 2, 2), torch.randn(2, 4, 3, 2)),
+                     ValueError, r"spatial size of x, \(H, W\) = \(2, 2\), got \(3, 2\)"),
+            BadInput("partner-batch", lambda: layer(4, values="partner")(torch.randn(2, 4, 2, 2), torch.randn(3, 4, 2, 2)),
+                     ValueError, r"batch size and channels of x, \(B, C\) = \(2, 4\), got \(3, 4\)"),
+            BadInput("values", lambda: layer(4, values="query"), ValueError, r"values must be one of 'self', 'partner', got 'query'"),
+            BadInput("eval_pairing", lambda: layer(4, eval_pairing="mean"), ValueError,
+                     r"eval_pairing must be one of 'identity', 'self', got 'mean'"),
+            BadInput("key_channels", lambda: layer(4, key_channels=0), ValueError, r"key_channels must be a positive int, got 0"),
+            BadInput("kv_stride", lambda: layer(4, kv_stride=0), ValueError, r"kv_stride must be a positive int, got 0"),
+            BadInput("kv_stride-type", lambda: layer(4, kv_stride=2.0), TypeError, r"kv_stride must be an int, got float"),  # type: ignore[arg-type]
+            BadInput("channels-type", lambda: layer(4.0), TypeError, r"channels must be an int, got float"),  # type: ignore[arg-type]
+            BadInput("x-type", lambda: layer(4)([[1.0]]), TypeError, r"x must be a torch.Tensor, got list"),  # type: ignore[arg-type]
+            BadInput("x-integer", lambda: layer(4)(torch.ones(2, 4, 2, 2, dtype=torch.long)), ValueError,
+                     r"x must be a floating-point tensor, got dtype torch.int64"),
+            BadInput("value_weight-shape", lambda: _bad_call(value_weight=torch.randn(3, 4)), ValueError,
+                     r"value_weight must have shape \(d, C\) = \(2, 4\), got \(3, 4\)"),
+            BadInput("residual-module", lambda: layer(4)(torch.randn(2, 4, 2, 2), residual=0), TypeError,  # type: ignore[arg-type]
+                     r"residual must be a bool, got int"),
+            BadInput("residual-function", lambda: _bad_call(residual="no"), TypeError, r"residual must be a bool, got str"),
+        ]
+        # eps = 0 would let all-zero features divide by 0; the layer, the function and
+        # correlation_map check it alike
+        x = torch.randn(2, 4, 2, 2)
+        for eps, error, message in [
+            (0.0, ValueError, r"eps must be in \(0.0, inf\], got 0.0"),
+            (-1e-6, ValueError, r"eps must be in \(0.0, inf\], got -1e-06"),
+            ("1e-6", TypeError, r"eps must be a number, got str"),
+            (None, TypeError, r"eps must be a number, got NoneType"),
+        ]:
+            cases += [
+                BadInput(f"eps-{eps}-module", lambda eps=eps: layer(4, eps=eps), error, message),  # type: ignore[arg-type]
+                BadInput(f"eps-{eps}-function", lambda eps=eps: _bad_call(eps=eps), error, message),
+                BadInput(f"eps-{eps}-correlation_map", lambda eps=eps: correlation_map(channel_prototypes(x), x, eps=eps),  # type: ignore[arg-type]
+                         error, message),
+            ]
+        return cases
+
+    def strategies(self) -> dict[str, st.SearchStrategy[Call]]:
+        return {
+            "halves": halves_calls(),
+            "partner-of-other-size": partner_calls(),
+            "kv_stride": halves_calls(st.integers(2, 4)),
+        }
+
+    def check_output(self, call: Call, out: torch.Tensor) -> None:
+        x = call.args[0]
+        assert out.shape == x.shape and out.dtype == x.dtype
+
+    def reference_cases(self) -> list[Case]:
+        big = {"shape": (4, 16, 7, 9), "key_channels": 8}
+        cases = [
+            Case(f"{pairing}-{values}", lambda dtype, p=pairing, v=values: _paired(p, dtype, values=v, **big))
+            for pairing in ("halves", "explicit")
+            for values in VALUES
+        ]
+        cases += [
+            Case(f"kv_stride-{s}-{values}", lambda dtype, s=s, v=values: _paired("halves", dtype, values=v, kv_stride=s, **big))
+            for s in (2, 3)
+            for values in VALUES
+        ]
+        cases.append(Case("kv_stride-partner-of-other-size", lambda dtype: _partner_of_other_size(dtype)))
+        # residual=False: the term F_f alone, in every pairing, exact and pooled
+        cases += [
+            Case(f"residual-false-{pairing}-{values}-kv{s}",
+                 lambda dtype, p=pairing, v=values, s=s: _paired(p, dtype, values=v, kv_stride=s, shape=(2, 6, 3, 5), residual=False))
+            for pairing in PAIRINGS
+            for values in VALUES
+            for s in (1, 2)
+        ]
+        return cases
+
+    def gradcheck_cases(self) -> list[Case]:
+        cases = [
+            Case(f"{pairing}-{values}-kv{s}",
+                 lambda p=pairing, v=values, s=s: _paired(p, torch.float64, values=v, kv_stride=s,
+                                                          shape=(2, 6, 3, 4) if s == 1 else (2, 6, 3, 5)))  # odd: partial windows
+            for pairing in PAIRINGS
+            for values in VALUES
+            for s in (1, 2)
+        ]
+        cases.append(Case("residual-false", lambda: _paired("halves", torch.float64, residual=False)))
+        return cases
+
+    def module_cases(self) -> list[ModuleCase]:
+        def case(x_shape: tuple[int, ...], partner: bool = False, **kwargs: object) -> tuple[nn.Module, Call]:
+            residual = kwargs.pop("residual", True)
+            layer = ForegroundPrototypeAttention(8, **kwargs)  # type: ignore[arg-type]
+            x = torch.randn(*x_shape)
+            other = torch.randn(*x_shape) if partner else None
+            return layer, Call((x, other), {"residual": residual})
+
+        return [
+            ModuleCase("default", lambda: case((4, 8, 3, 5))),
+            ModuleCase("values-partner", lambda: case((4, 8, 3, 5), values="partner")),
+            ModuleCase("explicit-partner", lambda: case((3, 8, 3, 5), partner=True)),
+            ModuleCase("kv_stride-2", lambda: case((4, 8, 5, 5), kv_stride=2, eps=1e-5)),
+            ModuleCase("residual-false", lambda: case((4, 8, 3, 5), residual=False)),
+        ]
+
+    def module_as_function(self, module: nn.Module) -> object:
+        assert isinstance(module, ForegroundPrototypeAttention) and module.training
+        return lambda x, partner=None, *, residual=True: foreground_prototype_attention(
+            x, partner, *_params(module), values=module.values, eps=module.eps, kv_stride=module.kv_stride,
+            residual=residual,
+        )
+
+    def repr_cases(self) -> list[ReprCase]:
+        return [
+            ReprCase("every-option",
+                     lambda: ForegroundPrototypeAttention(8, key_channels=2, values="partner", eval_pairing="self", eps=1e-5),
+                     ("channels=8", "key_channels=2", "values='partner'", "eval_pairing='self'", "eps=1e-05")),
+            # kv_stride is shown only when it is not the paper's 1
+            ReprCase("kv_stride", lambda: ForegroundPrototypeAttention(4, kv_stride=2), ("kv_stride=2",)),
+            ReprCase("kv_stride-default", lambda: ForegroundPrototypeAttention(4), ("channels=4",), absent=("kv_stride",)),
+        ]
+
+    def state_cases(self) -> list[StateCase]:
+        def build() -> tuple[nn.Module, nn.Module, object]:
+            x = torch.randn(2, 8, 4, 4)
+            return ForegroundPrototypeAttention(8, values="partner"), ForegroundPrototypeAttention(8, values="partner"), lambda m: m(x)
+
+        return [StateCase("values-partner", build)]  # type: ignore[arg-type]
+
+    def compile_cases(self) -> list[RunCase]:
+        def build(shape: tuple[int, ...], **kwargs: object) -> tuple[nn.Module, Call]:
+            residual = kwargs.pop("residual", True)
+            layer = ForegroundPrototypeAttention(8, **kwargs)  # type: ignore[arg-type]
+            return (layer if residual else _TermOnly(layer)), Call((torch.randn(*shape, requires_grad=True),))
+
+        return [
+            RunCase("default", lambda: build((4, 8, 5, 6))),
+            RunCase("kv_stride-2", lambda: build((4, 8, 5, 7), kv_stride=2)),
+            RunCase("residual-false", lambda: build((4, 8, 5, 6), residual=False)),
+        ]
+
+    def device_cases(self) -> list[RunCase]:
+        def build(kv_stride: int) -> tuple[nn.Module, Call]:
+            layer = ForegroundPrototypeAttention(64, kv_stride=kv_stride)
+            return layer, Call((torch.randn(4, 64, 15, 17, requires_grad=True),))  # odd: partial windows too
+
+        # the fused kernels only: a fallback to the math kernel would raise
+        fused = lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])  # noqa: E731
+        return [
+            RunCase(f"kv{s}-{str(dtype).removeprefix('torch.')}", lambda s=s: build(s), dtype=dtype, context=fused,
+                    tol={"atol": 1e-3, "rtol": 1e-3} if dtype == torch.float32 else {"atol": 1e-1, "rtol": 5e-2},
+                    loss=lambda out: out.sum())
+            for s in (1, 2)
+            for dtype in (torch.float16, torch.bfloat16, torch.float32)
+        ]
+
+    def degenerate_cases(self) -> list[Case]:
+        def call(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, *, zeros: bool = False, scale: float = 1.0,
+                 partner: bool = False, **kwargs: object) -> Call:
+            layer = ForegroundPrototypeAttention(shape[1], **kwargs).to(dtype)  # type: ignore[arg-type]
+            x = torch.zeros(*shape, dtype=dtype) if zeros else scale * torch.randn(*shape, dtype=dtype)
+            other = torch.randn(*shape, dtype=dtype) if partner else None
+            return _call(layer, x.requires_grad_(), other)
+
+        loose32 = {"atol": 1e-5, "rtol": 1.3e-6}  # assert_close's float32 default
+        return [
+            Case("all-zero-features", lambda: call((2, 8, 4, 4), zeros=True)),
+            Case("1x1", lambda: call((2, 4, 1, 1), torch.float64), reference=True, gradcheck=True),
+            Case("empty-batch", lambda: call((0, 4, 3, 3)), shape=(0, 4, 3, 3)),
+            Case("large-magnitudes", lambda: call((2, 8, 5, 5), scale=1e4)),
+            Case("odd-batch-explicit-partner", lambda: call((3, 4, 2, 3), torch.float64, partner=True), reference=True),
+            Case("kv_stride-1x1", lambda: call((2, 4, 1, 1), kv_stride=2), reference=True, tol=loose32),
+            Case("kv_stride-empty-batch", lambda: call((0, 4, 3, 3), kv_stride=2), shape=(0, 4, 3, 3)),
+        ]
+
+
+class _TermOnly(nn.Module):
+    """FPA in a model that adds its term alone: ``forward(x) = layer(x, residual=False)``."""
+
+    def __init__(self, layer: ForegroundPrototypeAttention) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, residual=False)
+
+
+def _partner_of_other_size(dtype: torch.dtype) -> Call:
+    layer = ForegroundPrototypeAttention(5, values="partner", kv_stride=2).to(dtype)
+    x = torch.randn(2, 5, 4, 6, dtype=dtype, requires_grad=True)
+    return _call(layer, x, torch.randn(2, 5, 7, 3, dtype=dtype, requires_grad=True))
+
+
+# --- FPA's own tests: hand-computed values, pairings, kv_stride, precision ---------------------
 
 
 def test_smoke() -> None:
@@ -62,37 +311,7 @@ def test_smoke() -> None:
     assert not torch.equal(out, x)  # training pairs the halves, so F_f is added
 
 
-@given(fpa_cases(), st.sampled_from(["self", "partner"]))
-def test_shape_dtype_and_reference_property(case: tuple[int, int, int, int, torch.dtype], values: str) -> None:
-    b, c, h, w, dtype = case
-    layer = ForegroundPrototypeAttention(c, values=values).to(dtype)
-    x = torch.randn(b, c, h, w, dtype=dtype)
-    out = layer(x)
-    assert out.shape == (b, c, h, w)
-    assert out.dtype == dtype
-    assert torch.isfinite(out).all()
-    ref = _dense(layer.double(), x.double(), None)
-    torch.testing.assert_close(out.double(), ref, **TOLERANCES[dtype])
-
-
-@given(
-    b=st.integers(1, 3),
-    c=st.integers(1, 8),
-    size=st.tuples(st.integers(1, 6), st.integers(1, 6)),
-    partner_size=st.tuples(st.integers(1, 6), st.integers(1, 6)),
-)
-def test_partner_values_allow_other_spatial_size(
-    b: int, c: int, size: tuple[int, int], partner_size: tuple[int, int]
-) -> None:
-    layer = ForegroundPrototypeAttention(c, values="partner").double()
-    x = torch.randn(b, c, *size, dtype=torch.float64)
-    partner = torch.randn(b, c, *partner_size, dtype=torch.float64)
-    out = layer(x, partner)
-    assert out.shape == x.shape
-    torch.testing.assert_close(out, _dense(layer, x, partner))
-
-
-# --- hand-computed values -------------------------------------------------------------------
+# --- hand-computed values --------------------------------------------------------------------------
 
 
 def test_prototypes_of_a_constant_map_are_the_mean_feature() -> None:
@@ -122,48 +341,22 @@ def test_correlation_is_cosine() -> None:
     torch.testing.assert_close(phi, expected)
 
 
+def test_prototype_tokens_returns_keys_alone_or_keys_and_values() -> None:
+    # what its @overloads promise mypy: a Tensor without value weights, a pair with them
+    layer = ForegroundPrototypeAttention(6, key_channels=4)
+    x = torch.randn(2, 6, 12)
+    keys = prototype_tokens(x, layer.key.weight, layer.key.bias)
+    assert isinstance(keys, torch.Tensor) and keys.shape == (2, 12, 4)
+    pair = prototype_tokens(x, layer.key.weight, layer.key.bias, layer.value.weight, layer.value.bias)
+    assert isinstance(pair, tuple) and len(pair) == 2
+    torch.testing.assert_close(pair[0], keys, rtol=0, atol=0)
+    assert pair[1].shape == (2, 12, 4)
+
+
 def test_functional_pieces_match_dense() -> None:
     x = torch.randn(3, 5, 4, 6, dtype=torch.float64)
     torch.testing.assert_close(channel_prototypes(x), channel_prototypes_dense(x))
     torch.testing.assert_close(correlation_map(channel_prototypes(x), x), correlation_map_dense(x))
-
-
-# --- gradients --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("values", ["self", "partner"])
-@pytest.mark.parametrize("pairing", ["halves", "self", "explicit"])
-def test_gradcheck(values: str, pairing: str) -> None:
-    layer = ForegroundPrototypeAttention(6, key_channels=4, values=values).double()
-    x = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
-    partner = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
-
-    def fn(x: torch.Tensor, partner: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        other = {"halves": None, "self": x, "explicit": partner}[pairing]
-        return foreground_prototype_attention(x, other, *params, values=values)
-
-    params = tuple(p.detach().requires_grad_() for p in _params(layer))
-    assert torch.autograd.gradcheck(fn, (x, partner, *params))
-
-
-@pytest.mark.parametrize("values", ["self", "partner"])
-@pytest.mark.parametrize("pairing", ["halves", "explicit"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fast_path_equals_dense_in_value_and_gradient(values: str, pairing: str, dtype: torch.dtype) -> None:
-    layer = ForegroundPrototypeAttention(16, values=values).to(dtype)
-    x = torch.randn(4, 16, 7, 9, dtype=dtype, requires_grad=True)
-    partner = torch.randn(4, 16, 7, 9, dtype=dtype, requires_grad=True) if pairing == "explicit" else None
-    inputs = [x, *([partner] if partner is not None else []), *layer.parameters()]
-    upstream = torch.randn(4, 16, 7, 9, dtype=dtype)
-
-    out = layer(x, partner)
-    grads = torch.autograd.grad(out, inputs, upstream)
-    ref = _dense(layer, x, partner)
-    ref_grads = torch.autograd.grad(ref, inputs, upstream)
-
-    torch.testing.assert_close(out, ref, **TOLERANCES[dtype])
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, **TOLERANCES[dtype])
 
 
 def test_every_parameter_receives_gradient() -> None:
@@ -173,7 +366,7 @@ def test_every_parameter_receives_gradient() -> None:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-# --- pairings ---------------------------------------------------------------------------------
+# --- pairings --------------------------------------------------------------------------------------
 
 
 def test_halves_pairing_matches_explicit_swapped_partner() -> None:
@@ -213,88 +406,36 @@ def test_eval_with_explicit_partner_uses_it() -> None:
     torch.testing.assert_close(layer(x, partner), _dense(layer, x, partner))
 
 
-# --- degenerate input -------------------------------------------------------------------------
+# --- residual=False: the term F_f alone (its values and gradients are reference and gradcheck cases) ---
 
 
-def test_all_zero_features_stay_finite() -> None:
-    layer = ForegroundPrototypeAttention(8)
-    x = torch.zeros(2, 8, 4, 4, requires_grad=True)
-    out = layer(x)
-    out.sum().backward()
-    assert torch.isfinite(out).all()
-    assert torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+@pytest.mark.parametrize("kv_stride", [1, 2])
+@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("pairing", PAIRINGS)
+def test_x_plus_the_term_is_the_default_output(pairing: str, values: str, kv_stride: int) -> None:
+    layer = ForegroundPrototypeAttention(6, key_channels=4, values=values, kv_stride=kv_stride).double()
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64)
+    other = {"halves": None, "self": x, "explicit": torch.randn(2, 6, 3, 5, dtype=torch.float64)}[pairing]
+    term = layer(x, other, residual=False)
+    torch.testing.assert_close(x + term, layer(x, other), **TOL64)
+    assert term.abs().amax() > 1e-3  # a real term, not x cancelled to 0
 
 
-def test_one_by_one_map() -> None:
-    layer = ForegroundPrototypeAttention(4).double()
-    x = torch.randn(2, 4, 1, 1, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(layer(x), _dense(layer, x, None))
-    assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
+def test_residual_false_in_eval() -> None:
+    x = torch.randn(3, 8, 5, 4, dtype=torch.float64)
+    skipped = ForegroundPrototypeAttention(8, eval_pairing="identity").double().eval()
+    assert torch.equal(skipped(x, residual=False), torch.zeros_like(x))  # FPA skipped: F_f = 0
+    paired = ForegroundPrototypeAttention(8, eval_pairing="self").double().eval()
+    torch.testing.assert_close(paired(x, residual=False), _dense(paired, x, x) - x, **TOLERANCES[torch.float64])
 
 
-def test_empty_batch_gives_empty_output() -> None:
-    layer = ForegroundPrototypeAttention(4)
-    x = torch.randn(0, 4, 3, 3, requires_grad=True)
-    out = layer(x)
-    assert out.shape == (0, 4, 3, 3)
-    out.sum().backward()
-    assert x.grad is not None and x.grad.shape == x.shape
-
-
-def test_large_magnitudes_stay_finite() -> None:
-    layer = ForegroundPrototypeAttention(8)
-    x = (1e4 * torch.randn(2, 8, 5, 5)).requires_grad_()
-    out = layer(x)
-    out.sum().backward()
-    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
-
-
-# --- module, state and compilation ------------------------------------------------------------
-
-
-def test_module_equals_function() -> None:
-    layer = ForegroundPrototypeAttention(8, values="partner")
-    x = torch.randn(4, 8, 3, 5)
-    torch.testing.assert_close(layer(x), foreground_prototype_attention(x, None, *_params(layer), values="partner"))
-
-
-def test_extra_repr_shows_every_hyper_parameter() -> None:
-    text = repr(ForegroundPrototypeAttention(8, key_channels=2, values="partner", eval_pairing="self", eps=1e-5))
-    for part in ("channels=8", "key_channels=2", "values='partner'", "eval_pairing='self'", "eps=1e-05"):
-        assert part in text
+# --- width, precision and kernels ------------------------------------------------------------------
 
 
 def test_default_key_channels_halve_the_width() -> None:
     layer = ForegroundPrototypeAttention(512)
     assert (layer.key.out_features, layer.value.out_features, layer.out.in_features) == (256, 256, 256)
     assert ForegroundPrototypeAttention(1).key_channels == 1
-
-
-def test_state_dict_round_trip() -> None:
-    layer = ForegroundPrototypeAttention(8, values="partner")
-    buffer = io.BytesIO()
-    torch.save(layer.state_dict(), buffer)
-    buffer.seek(0)
-    clone = ForegroundPrototypeAttention(8, values="partner")
-    clone.load_state_dict(torch.load(buffer, weights_only=True))
-    x = torch.randn(2, 8, 4, 4)
-    torch.testing.assert_close(clone(x), layer(x))
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not compile_available(), reason="inductor needs a C++ compiler")
-def test_compiled_equals_eager() -> None:
-    layer = ForegroundPrototypeAttention(8)
-    compiled = torch.compile(layer, fullgraph=True)
-    x = torch.randn(4, 8, 5, 6, requires_grad=True)
-    eager_out = layer(x)
-    eager_grads = torch.autograd.grad(eager_out.square().sum(), [x, *layer.parameters()])
-    out = compiled(x)
-    grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
-    torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=1e-5)
-    for got, want in zip(grads, eager_grads):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_autocast_bfloat16_runs_and_backpropagates() -> None:
@@ -308,154 +449,19 @@ def test_autocast_bfloat16_runs_and_backpropagates() -> None:
     torch.testing.assert_close(out.double(), ref, **TOLERANCES[torch.bfloat16])
 
 
-def test_cpu_runs_on_the_flash_kernel_alone() -> None:
+@pytest.mark.parametrize("kv_stride", [1, 2, 3])
+def test_cpu_runs_on_the_flash_kernel_alone(kv_stride: int) -> None:
     # With only FLASH_ATTENTION allowed, a fallback to the math kernel (which materialises the
-    # N x N matrix) would raise instead of running silently.
-    layer = ForegroundPrototypeAttention(8)
-    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    # N x N matrix) would raise instead of running silently. With kv_stride the pooled keys and
+    # values must keep a unit stride along d for that (they once did not: the math kernel ran).
+    layer = ForegroundPrototypeAttention(8, kv_stride=kv_stride)
+    x = torch.randn(2, 8, 7, 6, requires_grad=True)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         layer(x).sum().backward()
     assert x.grad is not None
 
 
-@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
-@pytest.mark.parametrize("kv_stride", [1, 2])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_cuda_uses_fused_kernels_and_equals_cpu(dtype: torch.dtype, kv_stride: int) -> None:
-    layer = ForegroundPrototypeAttention(64, kv_stride=kv_stride)
-    x = torch.randn(4, 64, 15, 17, requires_grad=True)  # odd: kv_stride's partial windows too
-    cpu_out = layer(x)
-    cpu_grad = torch.autograd.grad(cpu_out.sum(), x)[0]
-    layer_cuda = layer.to("cuda", dtype)
-    x_cuda = x.detach().to("cuda", dtype).requires_grad_()
-    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    with sdpa_kernel(backends):
-        out = layer_cuda(x_cuda)
-        grad = torch.autograd.grad(out.sum(), x_cuda)[0]
-    tol = {"atol": 1e-3, "rtol": 1e-3} if dtype == torch.float32 else {"atol": 1e-1, "rtol": 5e-2}
-    torch.testing.assert_close(out.float().cpu(), cpu_out, **tol)
-    torch.testing.assert_close(grad.float().cpu(), cpu_grad, **tol)
-
-
-# --- bad input --------------------------------------------------------------------------------
-
-
-def test_odd_batch_in_training_without_partner_raises() -> None:
-    with pytest.raises(ValueError, match=r"even batch size, got B=3"):
-        ForegroundPrototypeAttention(4)(torch.randn(3, 4, 2, 2))
-
-
-@pytest.mark.parametrize("shape", [(4, 2, 2), (2, 4, 2, 2, 1), (4,)])
-def test_wrong_rank_raises(shape: tuple[int, ...]) -> None:
-    with pytest.raises(ValueError, match=r"x must be 4-D \(B, C, H, W\), got \d-D"):
-        ForegroundPrototypeAttention(4)(torch.randn(*shape))
-
-
-def test_wrong_channel_count_raises() -> None:
-    with pytest.raises(ValueError, match=r"x must have 4 channels .* got 3"):
-        ForegroundPrototypeAttention(4)(torch.randn(2, 3, 2, 2))
-
-
-def test_partner_of_other_size_under_self_values_raises() -> None:
-    layer = ForegroundPrototypeAttention(4, values="self")
-    with pytest.raises(ValueError, match=r"spatial size of x, \(H, W\) = \(2, 2\), got \(3, 2\)"):
-        layer(torch.randn(2, 4, 2, 2), torch.randn(2, 4, 3, 2))
-
-
-def test_partner_of_other_batch_raises() -> None:
-    with pytest.raises(ValueError, match=r"batch size and channels of x, \(B, C\) = \(2, 4\), got \(3, 4\)"):
-        ForegroundPrototypeAttention(4, values="partner")(torch.randn(2, 4, 2, 2), torch.randn(3, 4, 2, 2))
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"values": "query"}, r"values must be one of 'self', 'partner', got 'query'"),
-        ({"eval_pairing": "mean"}, r"eval_pairing must be one of 'identity', 'self', got 'mean'"),
-        ({"key_channels": 0}, r"key_channels must be a positive int, got 0"),
-        ({"kv_stride": 0}, r"kv_stride must be a positive int, got 0"),
-    ],
-)
-def test_bad_options_raise(kwargs: dict[str, object], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        ForegroundPrototypeAttention(4, **kwargs)  # type: ignore[arg-type]
-
-
-def test_bad_types_raise_type_error() -> None:
-    with pytest.raises(TypeError, match=r"channels must be an int, got float"):
-        ForegroundPrototypeAttention(4.0)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"x must be a torch.Tensor, got list"):
-        ForegroundPrototypeAttention(4)([[1.0]])  # type: ignore[arg-type]
-
-
-def test_integer_features_raise() -> None:
-    with pytest.raises(ValueError, match=r"x must be a floating-point tensor, got dtype torch.int64"):
-        ForegroundPrototypeAttention(4)(torch.ones(2, 4, 2, 2, dtype=torch.long))
-
-
-def test_functional_weight_shapes_are_checked() -> None:
-    layer = ForegroundPrototypeAttention(4)
-    params = list(_params(layer))
-    params[2] = torch.randn(3, 4)
-    with pytest.raises(ValueError, match=r"value_weight must have shape \(d, C\) = \(2, 4\), got \(3, 4\)"):
-        foreground_prototype_attention(torch.randn(2, 4, 2, 2), None, *params)
-
-
-# --- kv_stride: keys and values from s x s windows (our deviation for large crops) ------------
-
-
-@given(
-    fpa_cases(),
-    st.sampled_from(["self", "partner"]),
-    st.integers(2, 4),
-)
-def test_kv_stride_shape_and_reference_property(
-    case: tuple[int, int, int, int, torch.dtype], values: str, stride: int
-) -> None:
-    b, c, h, w, dtype = case
-    layer = ForegroundPrototypeAttention(c, values=values, kv_stride=stride).to(dtype)
-    x = torch.randn(b, c, h, w, dtype=dtype)
-    out = layer(x)
-    assert out.shape == (b, c, h, w) and out.dtype == dtype
-    assert torch.isfinite(out).all()
-    ref = _dense(layer.double(), x.double(), None)
-    torch.testing.assert_close(out.double(), ref, **TOLERANCES[dtype])
-
-
-@pytest.mark.parametrize("values", ["self", "partner"])
-@pytest.mark.parametrize("pairing", ["halves", "self", "explicit"])
-def test_kv_stride_gradcheck(values: str, pairing: str) -> None:
-    layer = ForegroundPrototypeAttention(6, key_channels=4, values=values, kv_stride=2).double()
-    x = torch.randn(2, 6, 3, 5, dtype=torch.float64, requires_grad=True)  # odd sizes: partial windows
-    partner = torch.randn(2, 6, 3, 5, dtype=torch.float64, requires_grad=True)
-
-    def fn(x: torch.Tensor, partner: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        other = {"halves": None, "self": x, "explicit": partner}[pairing]
-        return foreground_prototype_attention(x, other, *params, values=values, kv_stride=2)
-
-    params = tuple(p.detach().requires_grad_() for p in _params(layer))
-    assert torch.autograd.gradcheck(fn, (x, partner, *params))
-
-
-@pytest.mark.parametrize("values", ["self", "partner"])
-@pytest.mark.parametrize("stride", [2, 3])
-def test_kv_stride_equals_dense_in_value_and_gradient(values: str, stride: int) -> None:
-    layer = ForegroundPrototypeAttention(16, values=values, kv_stride=stride)
-    x = torch.randn(4, 16, 7, 9, requires_grad=True)
-    inputs = [x, *layer.parameters()]
-    upstream = torch.randn(4, 16, 7, 9)
-    grads = torch.autograd.grad(layer(x), inputs, upstream)
-    ref_grads = torch.autograd.grad(_dense(layer, x, None), inputs, upstream)
-    torch.testing.assert_close(layer(x), _dense(layer, x, None), **TOLERANCES[torch.float32])
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
-
-
-def test_kv_stride_partner_values_of_other_size() -> None:
-    layer = ForegroundPrototypeAttention(5, values="partner", kv_stride=2).double()
-    x = torch.randn(2, 5, 4, 6, dtype=torch.float64)
-    partner = torch.randn(2, 5, 7, 3, dtype=torch.float64)
-    torch.testing.assert_close(layer(x, partner), _dense(layer, x, partner))
+# --- kv_stride: keys and values from s x s windows (our deviation for large crops) -----------------
 
 
 def test_kv_stride_changes_the_output_and_one_is_exact_fpa() -> None:
@@ -477,32 +483,3 @@ def test_kv_stride_of_a_map_pooled_to_one_token_is_the_mean_value() -> None:
     x = torch.randn(2, 4, 3, 5, dtype=torch.float64)
     update = layer(x) - x
     torch.testing.assert_close(update, update[:, :, :1, :1].expand_as(update))
-
-
-def test_kv_stride_one_by_one_map_and_empty_batch() -> None:
-    layer = ForegroundPrototypeAttention(4, kv_stride=2)
-    x = torch.randn(2, 4, 1, 1)
-    torch.testing.assert_close(layer(x), _dense(layer, x, None))
-    assert layer(torch.randn(0, 4, 3, 3)).shape == (0, 4, 3, 3)
-
-
-def test_kv_stride_in_extra_repr_and_type_checked() -> None:
-    assert "kv_stride=2" in repr(ForegroundPrototypeAttention(4, kv_stride=2))
-    assert "kv_stride" not in repr(ForegroundPrototypeAttention(4))
-    with pytest.raises(TypeError, match="kv_stride must be an int, got float"):
-        ForegroundPrototypeAttention(4, kv_stride=2.0)  # type: ignore[arg-type]
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not compile_available(), reason="inductor needs a C++ compiler")
-def test_kv_stride_compiled_equals_eager() -> None:
-    layer = ForegroundPrototypeAttention(8, kv_stride=2)
-    compiled = torch.compile(layer, fullgraph=True)
-    x = torch.randn(4, 8, 5, 7, requires_grad=True)
-    eager_out = layer(x)
-    eager_grads = torch.autograd.grad(eager_out.square().sum(), [x, *layer.parameters()])
-    out = compiled(x)
-    grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
-    torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=1e-5)
-    for got, want in zip(grads, eager_grads):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

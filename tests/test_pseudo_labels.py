@@ -1,4 +1,5 @@
-"""pseudo_labels, entropy_keep_mask and the two schedules."""
+"""pseudo_labels, entropy_keep_mask (the shared checklist, tests/op_tester.py) and the schedule of
+keep_percent."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
 from hypothesis import strategies as st
 
 from cscpa_layers import (
@@ -17,11 +17,132 @@ from cscpa_layers import (
     keep_percent_schedule,
     pseudo_labels,
 )
-from tests.conftest import DEVICES
+from tests.op_tester import BadInput, Call, Case, OpTester, RunCase
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(logits.softmax(1)).sum(1)
+
+
+_FUNCTION_ONLY = {
+    "module": "a function only",
+    "repr": "a function only",
+    "state_dict": "a function only",
+}
+
+
+@st.composite
+def pseudo_label_calls(draw: st.DrawFn) -> Call:
+    b, k, h, w = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 16)), draw(st.integers(1, 16))
+    return Call((torch.randn(b, k, h, w),), {"threshold": draw(st.floats(0.0, 1.0))})
+
+
+class TestPseudoLabelsOp(OpTester):
+    function = staticmethod(pseudo_labels)
+    not_applicable = {
+        **_FUNCTION_ONLY,
+        "reference": "the argmax and max of a softmax: the property check compares them with torch's argmax",
+        "gradcheck": "targets, detached by design (test_pseudo_labels_are_detached)",
+    }
+
+    def bad_inputs(self) -> list[BadInput]:
+        return [
+            BadInput("rank", lambda: pseudo_labels(torch.randn(2, 3, 3)), ValueError, r"logits must be 4-D \(B, K, H, W\), got 3-D"),
+            BadInput("integer", lambda: pseudo_labels(torch.ones(1, 2, 3, 3, dtype=torch.long)), ValueError, r"floating-point"),
+            BadInput("threshold", lambda: pseudo_labels(torch.randn(1, 2, 3, 3), threshold=1.1), ValueError,
+                     r"threshold must be in \[0.0, 1.0\], got 1.1"),
+            BadInput("no-class", lambda: pseudo_labels(torch.randn(1, 0, 3, 3)), ValueError, r"at least one class"),
+        ]
+
+    def strategies(self) -> dict[str, st.SearchStrategy[Call]]:
+        return {"logits-thresholds": pseudo_label_calls()}
+
+    def check_output(self, call: Call, out: PseudoLabels) -> None:
+        logits, threshold = call.args[0], call.kwargs["threshold"]
+        b, k, h, w = logits.shape
+        for field in out:
+            assert field.shape == (b, h, w)
+        assert torch.equal(out.labels, logits.argmax(1))
+        assert ((out.confidence >= 1 / k - 1e-6) & (out.confidence <= 1)).all()
+        assert torch.equal(out.valid, out.confidence >= threshold)
+
+    def compile_cases(self) -> list[RunCase]:
+        return [RunCase("logits", lambda: (pseudo_labels, Call((torch.randn(2, 3, 5, 7),), {"threshold": 0.6})))]
+
+    def device_cases(self) -> list[RunCase]:
+        return [RunCase("logits", lambda: (pseudo_labels, Call((torch.randn(3, 2, 17, 19),))), tol={"atol": 1e-5, "rtol": 1.3e-6})]
+
+    def degenerate_cases(self) -> list[Case]:
+        def one_class(call: Call, out: PseudoLabels) -> None:
+            assert not out.labels.any() and bool((out.confidence == 1).all()) and bool(out.valid.all())
+
+        return [
+            Case("empty-batch", lambda: Call((torch.randn(0, 2, 3, 3),)), shape=(0, 3, 3)),
+            Case("1x1", lambda: Call((torch.randn(2, 2, 1, 1),)), shape=(2, 1, 1)),
+            Case("one-class", lambda: Call((torch.randn(3, 1, 4, 5),)), shape=(3, 4, 5), check=one_class),
+        ]
+
+
+@st.composite
+def keep_calls(draw: st.DrawFn) -> Call:
+    n, percent = draw(st.integers(2, 400)), draw(st.floats(0.0, 100.0))
+    return Call((torch.randn(1, 3, 1, n, dtype=torch.float64) * 3,), {"keep_percent": percent})
+
+
+class TestEntropyKeepMaskOp(OpTester):
+    function = staticmethod(entropy_keep_mask)
+    not_applicable = {
+        **_FUNCTION_ONLY,
+        "reference": "U2PL's percentile rule agrees only up to one pixel; the property check compares with it",
+        "gradcheck": "a bool mask, detached by design",
+    }
+
+    def bad_inputs(self) -> list[BadInput]:
+        logits = torch.randn(1, 2, 3, 3)
+        return [
+            BadInput("keep_percent-range", lambda: entropy_keep_mask(logits, keep_percent=101), ValueError,
+                     r"keep_percent must be in \[0.0, 100.0\], got 101"),
+            BadInput("keep_percent-str", lambda: entropy_keep_mask(logits, keep_percent="80"), TypeError,  # type: ignore[arg-type]
+                     r"keep_percent must be a number, got str"),
+            BadInput("logits-rank", lambda: entropy_keep_mask(torch.randn(2, 3, 3), keep_percent=80), ValueError,
+                     r"logits must be 4-D \(B, K, H, W\), got 3-D"),
+        ]
+
+    def strategies(self) -> dict[str, st.SearchStrategy[Call]]:
+        return {"u2pl": keep_calls()}
+
+    def check_output(self, call: Call, out: torch.Tensor) -> None:
+        # U2PL (the authors' code) keeps the pixels strictly below np.percentile(entropy, percent)
+        logits, percent = call.args[0], call.kwargs["keep_percent"]
+        n = logits.shape[-1]
+        assert out.shape == (1, 1, n) and out.dtype == torch.bool
+        entropy = _entropy(logits).flatten().numpy()
+        u2pl = torch.from_numpy(entropy < np.percentile(entropy, percent))
+        ours = out.flatten()
+        assert abs(int(ours.sum()) - int(u2pl.sum())) <= 1
+        assert bool((ours | u2pl).eq(ours).all()) or bool((ours | u2pl).eq(u2pl).all())  # nested sets
+        assert int(ours.sum()) == math.floor(percent / 100 * n + 0.5 + 1e-9)
+
+    def compile_cases(self) -> list[RunCase]:
+        return [RunCase("logits", lambda: (entropy_keep_mask, Call((torch.randn(2, 3, 5, 7),), {"keep_percent": 80.0})))]
+
+    def device_cases(self) -> list[RunCase]:
+        logits = lambda percent: Call((torch.randn(3, 2, 17, 19),), {"keep_percent": percent})  # noqa: E731
+        return [RunCase(f"keep-{p}", lambda p=p: (entropy_keep_mask, logits(p))) for p in (0, 33.3, 80, 100)]
+
+    def degenerate_cases(self) -> list[Case]:
+        def all_kept(call: Call, out: torch.Tensor) -> None:
+            assert out.all()
+
+        def none_kept(call: Call, out: torch.Tensor) -> None:
+            assert not out.any()
+
+        return [
+            Case("empty-batch", lambda: Call((torch.randn(0, 2, 3, 3),), {"keep_percent": 80}), shape=(0, 3, 3)),
+            Case("1x1-all", lambda: Call((torch.randn(1, 2, 1, 1),), {"keep_percent": 100}), shape=(1, 1, 1), check=all_kept),
+            Case("none", lambda: Call((torch.randn(3, 2, 4, 4),), {"keep_percent": 0}), shape=(3, 4, 4), check=none_kept),
+            Case("one-class", lambda: Call((torch.randn(3, 1, 4, 4),), {"keep_percent": 50}), shape=(3, 4, 4)),
+        ]
 
 
 # --- pseudo_labels ----------------------------------------------------------------------------
@@ -42,23 +163,6 @@ def test_threshold_is_inclusive() -> None:
     assert out.valid.all() and out.labels.eq(0).all()
 
 
-@given(
-    b=st.integers(1, 3),
-    k=st.integers(1, 5),
-    h=st.integers(1, 16),
-    w=st.integers(1, 16),
-    threshold=st.floats(0.0, 1.0),
-)
-def test_pseudo_labels_shapes_and_consistency(b: int, k: int, h: int, w: int, threshold: float) -> None:
-    logits = torch.randn(b, k, h, w)
-    out = pseudo_labels(logits, threshold=threshold)
-    for field in out:
-        assert field.shape == (b, h, w)
-    assert torch.equal(out.labels, logits.argmax(1))
-    assert ((out.confidence >= 1 / k - 1e-6) & (out.confidence <= 1)).all()
-    assert torch.equal(out.valid, out.confidence >= threshold)
-
-
 def test_pseudo_labels_are_detached() -> None:
     logits = torch.randn(2, 2, 3, 3, requires_grad=True)
     out = pseudo_labels(logits)
@@ -72,7 +176,7 @@ def test_pseudo_labels_in_low_precision() -> None:
     assert torch.equal(out.labels, logits.bfloat16().argmax(1))
 
 
-# --- entropy_keep_mask ------------------------------------------------------------------------
+# --- entropy_keep_mask -----------------------------------------------------------------------------
 
 
 def test_keeps_the_lowest_entropy_pixels_with_round_half_up_counts() -> None:
@@ -98,18 +202,6 @@ def test_ties_keep_the_earlier_pixel() -> None:
     assert keep.flatten().tolist() == [True, True, False, False]
 
 
-@given(n=st.integers(2, 400), percent=st.floats(0.0, 100.0))
-def test_matches_the_u2pl_percentile_rule_up_to_one_pixel(n: int, percent: float) -> None:
-    # U2PL (the authors' code) keeps the pixels strictly below np.percentile(entropy, percent)
-    logits = torch.randn(1, 3, 1, n, dtype=torch.float64) * 3
-    entropy = _entropy(logits).flatten().numpy()
-    u2pl = torch.from_numpy(entropy < np.percentile(entropy, percent))
-    ours = entropy_keep_mask(logits, keep_percent=percent).flatten()
-    assert abs(int(ours.sum()) - int(u2pl.sum())) <= 1
-    assert bool((ours | u2pl).eq(ours).all()) or bool((ours | u2pl).eq(u2pl).all())  # nested sets
-    assert int(ours.sum()) == math.floor(percent / 100 * n + 0.5 + 1e-9)
-
-
 def test_rescaling_snippet_gives_the_authors_weight() -> None:
     logits = torch.randn(2, 2, 4, 4)
     keep = entropy_keep_mask(logits, keep_percent=75)
@@ -117,30 +209,12 @@ def test_rescaling_snippet_gives_the_authors_weight() -> None:
     assert weight.item() == pytest.approx(32 / 24)
 
 
-def test_entropy_keep_mask_is_detached_and_handles_empty_input() -> None:
+def test_entropy_keep_mask_is_detached() -> None:
     logits = torch.randn(2, 2, 3, 3, requires_grad=True)
     assert not entropy_keep_mask(logits, keep_percent=80).requires_grad
-    assert entropy_keep_mask(torch.randn(0, 2, 3, 3), keep_percent=80).shape == (0, 3, 3)
 
 
-@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
-def test_cuda_equals_cpu() -> None:
-    logits = torch.randn(3, 2, 17, 19)
-    for percent in (0, 33.3, 80, 100):
-        assert torch.equal(entropy_keep_mask(logits.cuda(), keep_percent=percent).cpu(), entropy_keep_mask(logits, keep_percent=percent))
-    cpu, cuda = pseudo_labels(logits), pseudo_labels(logits.cuda())
-    assert torch.equal(cuda.labels.cpu(), cpu.labels)
-    torch.testing.assert_close(cuda.confidence.cpu(), cpu.confidence)
-
-
-# --- schedules --------------------------------------------------------------------------------
-
-
-def test_keep_hard_schedule() -> None:
-    assert keep_hard_schedule(0, 200) == pytest.approx(0.7)
-    assert keep_hard_schedule(50, 200) == pytest.approx(0.525)
-    assert keep_hard_schedule(200, 200) == 0.0
-    assert keep_hard_schedule(2.5, 10, start=0.4) == pytest.approx(0.3)
+# --- schedules -------------------------------------------------------------------------------------
 
 
 def test_keep_percent_schedule() -> None:
@@ -150,18 +224,9 @@ def test_keep_percent_schedule() -> None:
     assert keep_percent_schedule(1, 4, start=100.0, end=60.0) == 90.0
 
 
-# --- bad input --------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
-        (lambda: pseudo_labels(torch.randn(2, 3, 3)), ValueError, r"logits must be 4-D \(B, K, H, W\), got 3-D"),
-        (lambda: pseudo_labels(torch.ones(1, 2, 3, 3, dtype=torch.long)), ValueError, r"floating-point"),
-        (lambda: pseudo_labels(torch.randn(1, 2, 3, 3), threshold=1.1), ValueError, r"threshold must be in \[0.0, 1.0\], got 1.1"),
-        (lambda: pseudo_labels(torch.randn(1, 0, 3, 3)), ValueError, r"at least one class"),
-        (lambda: entropy_keep_mask(torch.randn(1, 2, 3, 3), keep_percent=101), ValueError, r"keep_percent must be in \[0.0, 100.0\], got 101"),
-        (lambda: entropy_keep_mask(torch.randn(1, 2, 3, 3), keep_percent="80"), TypeError, r"keep_percent must be a number, got str"),  # type: ignore[arg-type]
         (lambda: keep_hard_schedule(201, 200), ValueError, r"epoch must be in \[0.0, 200.0\], got 201"),
         (lambda: keep_hard_schedule(0, 0), ValueError, r"epochs must be a positive int, got 0"),
         (lambda: keep_hard_schedule(0, 10, start=1.5), ValueError, r"start must be in \[0.0, 1.0\], got 1.5"),
@@ -170,7 +235,8 @@ def test_keep_percent_schedule() -> None:
         (lambda: keep_percent_schedule(0, 10.0), TypeError, r"epochs must be an int, got float"),  # type: ignore[arg-type]
     ],
 )
-def test_bad_input_raises(call: object, error: type[Exception], message: str) -> None:
+def test_bad_schedule_arguments_raise(call: object, error: type[Exception], message: str) -> None:
+    # the schedules are plain float functions, not tensor ops, so they are not OpTester ops
     assert callable(call)
     with pytest.raises(error, match=message):
         call()

@@ -22,7 +22,8 @@ def confidence_mask_loop(
     """(B, 1, H, W) bool mask, one patch at a time."""
     b, _, h, w = probs.shape
     rows, cols = math.ceil(h / patch_size), math.ceil(w / patch_size)
-    scores = torch.rand(b, rows * cols, generator=generator, device=probs.device)
+    device = probs.device if generator is None else generator.device  # the layer's rule
+    scores = torch.rand(b, rows * cols, generator=generator, device=device).to(probs.device)
     mask = torch.zeros(b, 1, h, w, dtype=torch.bool, device=probs.device)
     boxes = [
         (slice(r * patch_size, (r + 1) * patch_size), slice(c * patch_size, (c + 1) * patch_size))

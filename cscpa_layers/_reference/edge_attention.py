@@ -37,9 +37,12 @@ def edge_prototype_attention_dense(
     *,
     temperature: float = 1.0,
     rescale: bool = True,
+    gain: Tensor | float = 1.0,
     eps: float = 1e-6,
+    residual: bool = True,
 ) -> Tensor:
-    """x + F_e with the cosine of every pixel, an explicit softmax and an explicit outer product."""
+    """x + g F_e (g F_e alone without ``residual``) with the cosine of every pixel, an explicit
+    softmax and an explicit outer product."""
     b, c, h, w = x.shape
     n = h * w
     feats = x.reshape(b, c, n)  # (B, C, N)
@@ -50,8 +53,8 @@ def edge_prototype_attention_dense(
     phi = scores / scores.sum(dim=1, keepdim=True)  # softmax over the N pixels, (B, N)
     if rescale:
         phi = phi * n
-    f_e = torch.einsum("bn,c->bcn", phi, prototype)  # Eq. 10, outer product, (B, C, N)
-    return x + f_e.reshape(b, c, h, w)
+    f_e = gain * torch.einsum("bn,c->bcn", phi, prototype).reshape(b, c, h, w)  # Eq. 10, outer product
+    return x + f_e if residual else f_e
 
 
 __all__ = ["container_update_dense", "edge_mask_dense", "edge_prototype_attention_dense"]

@@ -30,8 +30,10 @@ def foreground_prototype_attention_dense(
     values: str = "self",
     eps: float = 1e-6,
     kv_stride: int = 1,
+    residual: bool = True,
 ) -> Tensor:
-    """x + F_f with an explicit (B, N, N') attention matrix; ``partner=None`` swaps halves.
+    """x + F_f (F_f alone without ``residual``) with an explicit (B, N, N') attention matrix;
+    ``partner=None`` swaps halves.
 
     With ``kv_stride`` s > 1, keys and values are multiplied by an explicit (M, N') averaging
     matrix (one row per s x s window, partial windows at odd edges averaging what they hold).
@@ -51,8 +53,8 @@ def foreground_prototype_attention_dense(
         value = _window_means(size[0], size[1], kv_stride).to(value) @ value
     scores = key_x @ key_p.transpose(1, 2) / math.sqrt(key_weight.shape[0])  # (B, N, N')
     attended = torch.softmax(scores, dim=-1) @ value  # Eq. 5: (B, N, d)
-    update = attended @ out_weight.T + out_bias  # (B, N, C)
-    return x + update.transpose(1, 2).reshape(b, c, h, w)  # Eq. 6
+    update = (attended @ out_weight.T + out_bias).transpose(1, 2).reshape(b, c, h, w)  # F_f
+    return x + update if residual else update  # Eq. 6
 
 
 def _window_means(h: int, w: int, stride: int) -> Tensor:
