@@ -1,7 +1,7 @@
 """Look inside a CSC-PA checkpoint: what EPA, FPA and the pseudo-labels do to this model.
 
-    python examples/diagnose.py runs/busi/cscpa/fold0/last.pt
-    python examples/diagnose.py runs/busi/cscpa/fold0/last.pt --batches 20 --json diag.json
+    python -m examples.diagnose runs/busi/cscpa/fold0/last.pt
+    python -m examples.diagnose runs/busi/cscpa/fold0/last.pt --batches 20 --json diag.json
 
 It rebuilds the model and the fold's data from the configuration stored in the checkpoint
 (``last.pt`` or ``best.pt`` of ``examples/train_busi.py``) and reports:
@@ -27,30 +27,24 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = _ROOT
-elif _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+from collections.abc import Iterator
+from typing import Any
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import copy  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from typing import Any  # noqa: E402
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from cscpa_layers import pseudo_labels  # noqa: E402
-from examples.evaluate import evaluate  # noqa: E402
-from examples.samples import IGNORE_INDEX  # noqa: E402
-from examples.streams import IndexStream, StreamBatches  # noqa: E402
-from examples.predict import model_from_checkpoint, read_checkpoint  # noqa: E402
-from examples.train_busi import fold_data, open_dataset  # noqa: E402
-from examples.trainer import TrainConfig, _loader, reestimate_bn, stage1_input  # noqa: E402
+from cscpa_layers import pseudo_labels
+from examples.engine.evaluate import evaluate
+from examples.data.samples import IGNORE_INDEX
+from examples.engine.streams import IndexStream, StreamBatches
+from examples.predict import model_from_checkpoint, read_checkpoint
+from examples.train_busi import fold_data, open_dataset
+from examples.engine.trainer import TrainConfig, _loader, reestimate_bn, stage1_input
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

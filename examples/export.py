@@ -1,6 +1,6 @@
 """Export a trained checkpoint as a torch.export program (.pt2) and as ONNX, and check both.
 
-    python examples/export.py CHECKPOINT [--out DIR] [--format both|pt2|onnx] [--sample IMAGE]
+    python -m examples.export CHECKPOINT [--out DIR] [--format both|pt2|onnx] [--sample IMAGE]
                               [--atol 1e-4] [--seed 0]
 
 CHECKPOINT is a best.pt or last.pt written by examples/train_busi.py. The network is rebuilt
@@ -11,7 +11,7 @@ receives ``<stem>.pt2`` (``torch.export.save``) and ``<stem>.onnx`` (``torch.onn
 dynamo=True)``, one file, weights inside).
 
 Both graphs take one normalised image, (1, 3, H, W) float32 (ImageNet statistics,
-``examples.transforms.normalize``), and return the logits, (1, 2, H, W). Height and width are
+``examples.data.transforms.normalize``), and return the logits, (1, 2, H, W). Height and width are
 dynamic when the exporter can keep them so (the accepted range is printed); otherwise the
 graph is fixed to the sample's size, and the command says so.
 
@@ -28,27 +28,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = _ROOT
-elif _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import argparse
+import importlib
+import time
+from typing import Callable, NamedTuple
 
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import time  # noqa: E402
-from typing import Callable, NamedTuple  # noqa: E402
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.export import Dim, ExportedProgram
+from torchvision import tv_tensors
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from torch.export import Dim, ExportedProgram  # noqa: E402
-from torchvision import tv_tensors  # noqa: E402
-
-from examples.datasets import DataError, read_image  # noqa: E402
-from examples.predict import load_model  # noqa: E402
-from examples.samples import RawSample  # noqa: E402
-from examples.transforms import EvalTransform  # noqa: E402
+from examples.data.folders import DataError, read_image
+from examples.predict import load_model
+from examples.data.samples import RawSample
+from examples.data.transforms import EvalTransform
 
 FORMATS = ("both", "pt2", "onnx")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")

@@ -1,6 +1,6 @@
 """Predict lesion masks with a trained checkpoint.
 
-    python examples/predict.py CHECKPOINT INPUT [--out DIR] [--device auto|cpu|cuda]
+    python -m examples.predict CHECKPOINT INPUT [--out DIR] [--device auto|cpu|cuda]
 
 CHECKPOINT is a best.pt or last.pt written by examples/train_busi.py (it carries the model
 configuration). INPUT is an image file or a folder of images (png, jpg, bmp, tif); files named
@@ -14,26 +14,20 @@ import pickle
 import sys
 from pathlib import Path
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = _ROOT
-elif _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import argparse
+from typing import Any
 
-import argparse  # noqa: E402
-from typing import Any  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from torchvision import tv_tensors
 
-from torchvision import tv_tensors  # noqa: E402
-
-from examples.datasets import DataError, read_image  # noqa: E402
-from examples.evaluate import overlay_picture, predict_full  # noqa: E402
-from examples.samples import RawSample  # noqa: E402
-from examples.trainer import TrainConfig, pick_device  # noqa: E402
-from examples.transforms import EvalTransform  # noqa: E402
+from examples.data.folders import DataError, read_image
+from examples.engine.evaluate import overlay_picture, predict_full
+from examples.data.samples import RawSample
+from examples.engine.trainer import TrainConfig, pick_device
+from examples.data.transforms import EvalTransform
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 

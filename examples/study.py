@@ -1,6 +1,6 @@
 """A paired study: SupOnly and CSC-PA trained on the same folds, compared image by image.
 
-    python examples/study.py --data ../shared/data/busi-dev --folds all --labeled 1/8 \\
+    python -m examples.study --data ../shared/data/busi-dev --folds all --labeled 1/8 \\
         --out runs/study-busi-dev-1of8 --json docs/results/busi-dev-1of8.json
 
 Every (fold, method) pair is one unit, trained by ``examples/train_busi.py`` into
@@ -25,7 +25,7 @@ After every unit the study prints and writes (``--json``, default ``--out/study.
 
 Several labeled fractions, the paper's Table 1 (``examples/study_table1.py``)::
 
-    python examples/study.py --data /path/to/UDIAT_Dataset_B --folds all --labeled 1/8,1/4,1/2 \\
+    python -m examples.study --data /path/to/UDIAT_Dataset_B --folds all --labeled 1/8,1/4,1/2 \\
         --out runs/study-udiat
 
 Each (fraction, fold, method) is then a unit in ``--out/<1of8|1of4|1of2>/<method>/fold<k>/``,
@@ -33,7 +33,7 @@ all on the one split (its labeled sets are nested), and the report leads with Ta
 the methods, columns the fractions, cells Dice % ± std and IoU % ± std over folds, then the
 paired statistics per fraction, then each fraction's tables as above. With one fraction the
 layout, the JSON and the report are the single-fraction ones above (plus a ``table1`` key).
-``--data`` is any folder train_busi.py reads (detected by ``examples.datasets.build_dataset``):
+``--data`` is any folder train_busi.py reads (detected by ``examples.data.folders.build_dataset``):
 BUSI, UDIAT's Dataset B (``original/`` + ``GT/``), images/ + masks/, or ``phantom``.
 """
 
@@ -42,28 +42,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = _ROOT
-elif _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from examples import train_busi  # noqa: E402
-from examples.study_table1 import FRACTIONS, fraction_tag, table1, table1_markdown  # noqa: E402
-from examples.trainer import git_sha  # noqa: E402
+from examples import train_busi
+from examples.study_table1 import FRACTIONS, fraction_tag, table1, table1_markdown
+from examples.engine.trainer import git_sha
 
 METHODS = ("suponly", "cscpa")
 NAMES = {"suponly": "SupOnly", "cscpa": "CSC-PA"}

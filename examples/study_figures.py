@@ -60,7 +60,7 @@ def _selected_checkpoint(unit_dir: Path) -> Path:
 
 
 def _predictions(unit_dir: Path, samples: list[Any], device: torch.device) -> list[np.ndarray]:
-    from examples.evaluate import predict_full
+    from examples.engine.evaluate import predict_full
     from examples.predict import load_model
 
     model, _ = load_model(_selected_checkpoint(unit_dir), device)
@@ -73,10 +73,10 @@ def difference_grid(study_dir: Path, pairs: Sequence[tuple[int, str, float, floa
     """The ``count`` test images with the largest |CSC-PA − SupOnly| Dice, as rows of (image
     with the ground truth outlined, SupOnly's prediction, CSC-PA's prediction). Returns the
     rows shown. The images and masks are read back through each unit's stored configuration."""
-    from examples.evaluate import overlay_picture
+    from examples.engine.evaluate import overlay_picture
     from examples.predict import read_checkpoint
     from examples.train_busi import fold_data, open_dataset
-    from examples.trainer import TrainConfig
+    from examples.engine.trainer import TrainConfig
 
     plt = _pyplot()
     device = torch.device(device)

@@ -1,9 +1,9 @@
 """Train CSC-PA (or the SupOnly baseline) on BUSI, an images/masks folder, or the phantom.
 
-    python examples/train_busi.py                                   # phantom, CSC-PA, fold 0, 1/8 labels
-    python examples/train_busi.py --data /data/BUSI --backbone resnet50 --crop 513
-    python examples/train_busi.py --method both --folds all          # SupOnly and CSC-PA, every fold
-    torchrun --nproc_per_node=4 examples/train_busi.py --data /data/BUSI   # one process per GPU
+    python -m examples.train_busi                                   # phantom, CSC-PA, fold 0, 1/8 labels
+    python -m examples.train_busi --data /data/BUSI --backbone resnet50 --crop 513
+    python -m examples.train_busi --method both --folds all          # SupOnly and CSC-PA, every fold
+    torchrun --nproc_per_node=4 -m examples.train_busi --data /data/BUSI   # one process per GPU
 
 The schedule follows the paper (method.md §6): --pretrain-epochs of supervised training
 (CE + PAL on the labeled half, the unlabeled half acting through FPA), the edge container's
@@ -21,29 +21,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, Python puts examples/ first on sys.path: put the repository root there so
-# that `examples` imports as a package (and its modules cannot shadow installed packages).
-_ROOT = str(Path(__file__).resolve().parents[1])
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = _ROOT
-elif _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import argparse
+import json
+import os
+from typing import Any, NamedTuple
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-from typing import Any, NamedTuple  # noqa: E402
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from examples.datasets import DataError, build_dataset  # noqa: E402
-from examples.deeplab import BACKBONES, DeepLabV3Plus  # noqa: E402
-from examples.metrics import mean_std  # noqa: E402
-from examples.make_splits import main as make_splits_main  # noqa: E402
-from examples.splits import load_split  # noqa: E402
-from examples.trainer import FoldResult, FoldTrainer, TrainConfig, git_sha, pick_device  # noqa: E402
-from examples.transforms import EvalTransform, TrainTransform  # noqa: E402
+from examples.data.folders import DataError, build_dataset
+from examples.models.deeplab import BACKBONES, DeepLabV3Plus
+from examples.engine.metrics import mean_std
+from examples.make_splits import main as make_splits_main
+from examples.data.splits import load_split
+from examples.engine.trainer import FoldResult, FoldTrainer, TrainConfig, git_sha, pick_device
+from examples.data.transforms import EvalTransform, TrainTransform
 
 
 class FoldData(NamedTuple):

@@ -14,10 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from cscpa_layers import EdgePrototypeAttention, ForegroundPrototypeAttention
-from examples.checkpoint import save_atomic
-from examples.cscpa_step import CSCPAOptions, CSCPAStep, NonFiniteLossError, labels_at, poly_lr
-from examples.metrics import dice_iou, mean_std
-from examples.streams import IndexStream, SeededItems, StreamBatches
+from examples.engine.checkpoint import save_atomic
+from examples.engine.step import CSCPAOptions, CSCPAStep, NonFiniteLossError, labels_at, poly_lr
+from examples.engine.metrics import dice_iou, mean_std
+from examples.engine.streams import IndexStream, SeededItems, StreamBatches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,7 +206,7 @@ def test_atomic_save_leaves_no_partial_file(tmp_path: Path) -> None:
 def test_custom_network_example_runs() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "examples/custom_network.py", "--iters", "3", "--pretrain-iters", "2", "--size", "64"],
+        [sys.executable, "-m", "examples.tutorials.custom_network", "--iters", "3", "--pretrain-iters", "2", "--size", "64"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]

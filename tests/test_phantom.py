@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from examples.datasets import build_dataset
-from examples.phantom import (
+from examples.data.folders import build_dataset
+from examples.data.phantom import (
     LESION_COUNT_PROBS,
     PhantomDataset,
     count_lesions,
@@ -20,8 +20,8 @@ from examples.phantom import (
     rayleigh_speckle,
     render_phantom,
 )
-from examples.samples import Sample
-from examples.transforms import TrainTransform
+from examples.data.samples import Sample
+from examples.data.transforms import TrainTransform
 
 
 def test_item_format_matches_the_folder_datasets() -> None:

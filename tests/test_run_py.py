@@ -26,14 +26,14 @@ def _run_py() -> ModuleType:
 def test_main_job_defaults_and_overrides() -> None:
     run = _run_py()
     command = run.main_job(["--epochs", "2"])
-    assert command[0] == "examples/train_busi.py"
-    args = train_busi.parse_args(command[1:])
+    assert command[:2] == ["-m", "examples.train_busi"]
+    args = train_busi.parse_args(command[2:])
     assert (args.backbone, args.no_pretrained, args.epochs, args.data) == ("resnet18", True, 2, "phantom")
 
 
 def test_a_preset_replaces_the_main_jobs_own_settings() -> None:
     run = _run_py()
-    args = train_busi.parse_args(run.main_job(["--data", "/some/BUSI", "--preset", "cpu"])[1:])
+    args = train_busi.parse_args(run.main_job(["--data", "/some/BUSI", "--preset", "cpu"])[2:])
     for key, value in train_busi.PRESETS["cpu"].items():
         assert getattr(args, key) == value, key
     assert (args.no_pretrained, args.data, args.method, args.out) == (False, "/some/BUSI", "both", "runs/quickstart")

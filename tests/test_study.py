@@ -206,7 +206,7 @@ def _fake_train(argv: list[str]) -> int:
     import dataclasses
     import zlib
 
-    from examples.splits import load_split
+    from examples.data.splits import load_split
 
     args = train_busi.parse_args(argv)
     fold = int(args.fold)

@@ -1,7 +1,7 @@
 """Training one fold of CSC-PA or SupOnly: data, schedule, checkpoints, evaluation.
 
 `train_fold` is what `examples/train_busi.py` runs per fold. The per-iteration logic is in
-`examples.cscpa_step.CSCPAStep`; this module owns everything around it: the deterministic
+`examples.engine.step.CSCPAStep`; this module owns everything around it: the deterministic
 batch streams, the poly learning rate, pre-training and the container's initialisation,
 per-epoch validation, atomic checkpoints with exact resumption, and the final test.
 """
@@ -26,13 +26,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from examples.checkpoint import StopRequest, rng_state, save_atomic, set_rng_state
-from examples.curves import write_history
-from examples.datasets import DataError
-from examples.cscpa_step import CSCPAOptions, CSCPAStep, NonFiniteLossError, StepStats
-from examples.evaluate import Evaluation, evaluate
-from examples.samples import collate_samples
-from examples.streams import IndexStream, SeededItems, StreamBatches, mix_seed
+from examples.engine.checkpoint import StopRequest, rng_state, save_atomic, set_rng_state
+from examples.engine.curves import write_history
+from examples.data.folders import DataError
+from examples.engine.step import CSCPAOptions, CSCPAStep, NonFiniteLossError, StepStats
+from examples.engine.evaluate import Evaluation, evaluate
+from examples.data.samples import collate_samples
+from examples.engine.streams import IndexStream, SeededItems, StreamBatches, mix_seed
 
 CHECKPOINT_VERSION = 1
 

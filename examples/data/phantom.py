@@ -38,9 +38,9 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
-from examples.dataset_base import SegmentationDataset, Transform
-from examples.samples import RawSample
-from examples.transforms import NormalizeTransform
+from examples.data.base import SegmentationDataset, Transform
+from examples.data.samples import RawSample
+from examples.data.transforms import NormalizeTransform
 
 __all__ = [
     "LESION_COUNT_PROBS",

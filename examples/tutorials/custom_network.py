@@ -5,13 +5,13 @@ This is the drop-in recipe for your own network:
 1. put `ForegroundPrototypeAttention` and `EdgePrototypeAttention` on a decoder feature map F
    and fuse them as F' = F + F_f + F_e (both computed from F);
 2. return the logits at the input size, the logits at the feature size and F';
-3. hand the network, its optimiser and EPA's container to `examples.cscpa_step.CSCPAStep`,
+3. hand the network, its optimiser and EPA's container to `examples.engine.step.CSCPAStep`,
    which runs pre-training, then stage 1, confidence masking, the container update and stage 2
    with the pixel affinity loss, per iteration.
 
 Run it on the synthetic phantom (no files needed):
 
-    python examples/custom_network.py [--iters 30] [--pretrain-iters 10] [--size 96]
+    python -m examples.tutorials.custom_network [--iters 30] [--pretrain-iters 10] [--size 96]
 """
 
 from __future__ import annotations
@@ -22,20 +22,17 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cscpa_layers import EdgePrototypeAttention, ForegroundPrototypeAttention
-from examples.cscpa_step import CSCPAOptions, CSCPAStep
-from examples.dataset_base import SegmentationDataset
-from examples.evaluate import evaluate
-from examples.phantom import PhantomDataset
-from examples.samples import collate_samples
-from examples.transforms import EvalTransform, TrainTransform
+from examples.engine.step import CSCPAOptions, CSCPAStep
+from examples.data.base import SegmentationDataset
+from examples.engine.evaluate import evaluate
+from examples.data.phantom import PhantomDataset
+from examples.data.samples import collate_samples
+from examples.data.transforms import EvalTransform, TrainTransform
 
 
 class Outputs(NamedTuple):

@@ -6,7 +6,7 @@ edge-container update, stage 2 on [labeled, masked], and the supervised-only bas
 
 The network can be anything whose forward takes ``(x, *, edge_bank=None)`` and returns an object
 with ``logits`` (B, K, H, W) at the input size, ``low_res_logits`` (B, K, h, w) and ``features``
-(B, C, h, w) at the feature size, for example `examples.deeplab.SegmentationOutput`. FPA, EPA
+(B, C, h, w) at the feature size, for example `examples.models.deeplab.SegmentationOutput`. FPA, EPA
 and their container live inside the network; this class only sees the container it is given.
 """
 

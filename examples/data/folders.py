@@ -1,6 +1,6 @@
 """Segmentation datasets read from folders: BUSI and images/ + masks/ (UDIAT), and build_dataset.
 
-Both loaders return the same items (:class:`~examples.samples.RawSample` before the
+Both loaders return the same items (:class:`~examples.data.samples.RawSample` before the
 transform): a three-channel uint8 image with greyscale content, a binary (H, W) mask and the
 image path relative to the data directory as its id.
 
@@ -38,9 +38,9 @@ from PIL import Image
 from torchvision import tv_tensors
 from tqdm import tqdm
 
-from examples.dataset_base import SegmentationDataset, Transform, natural_key
-from examples.samples import RawSample
-from examples.transforms import NormalizeTransform
+from examples.data.base import SegmentationDataset, Transform, natural_key
+from examples.data.samples import RawSample
+from examples.data.transforms import NormalizeTransform
 
 __all__ = [
     "BUSI_CLASSES",
@@ -172,7 +172,7 @@ class _FolderDataset(SegmentationDataset):
                     f"has shape {grey.shape}"
                 )
             merged |= mask
-        # replicate in numpy: no intra-op threads to wake up for a copy (see examples/phantom.py)
+        # replicate in numpy: no intra-op threads to wake up for a copy (see examples/data/phantom.py)
         image = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(grey, (3, *grey.shape))))  # (3, H, W)
         return RawSample(tv_tensors.Image(image), tv_tensors.Mask(torch.from_numpy(merged.astype(np.uint8))), item_id)
 
@@ -351,7 +351,7 @@ def build_dataset(spec: str | Path, *, transform: Transform | None = None, inclu
 
     Args:
         spec: a data directory, or ``"phantom"`` for the synthetic phantom
-            (:class:`~examples.phantom.PhantomDataset`), which needs no files.
+            (:class:`~examples.data.phantom.PhantomDataset`), which needs no files.
         transform: applied to each :class:`RawSample`; default :class:`NormalizeTransform`.
         include_normal: BUSI only, also load ``normal/``.
         verify, skip_bad: folder datasets only; see :class:`BUSIDataset`.
@@ -367,7 +367,7 @@ def build_dataset(spec: str | Path, *, transform: Transform | None = None, inclu
         ('phantom/000000', (3, 64, 64), torch.int64)
     """
     if str(spec) == "phantom":
-        from examples.phantom import PhantomDataset
+        from examples.data.phantom import PhantomDataset
 
         return PhantomDataset(phantom_count, size=phantom_size, seed=phantom_seed, transform=transform)
     root = Path(spec)

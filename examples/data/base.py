@@ -3,7 +3,7 @@
 A dataset is a list of items, each with an ``id`` (a path relative to the data directory,
 which is what split files store) and a ``label`` (its stratum for stratified splits: the
 BUSI class, the phantom's lesion count, or ``"all"``). ``dataset[i]`` loads item i as a
-:class:`~examples.samples.RawSample` and applies the transform; ``dataset.subset(ids)`` is
+:class:`~examples.data.samples.RawSample` and applies the transform; ``dataset.subset(ids)`` is
 how a trainer builds its labeled and unlabeled sets from a split file.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from torch.utils.data import Dataset
 
-from examples.samples import RawSample
+from examples.data.samples import RawSample
 
 __all__ = ["SegmentationDataset", "Transform", "natural_key"]
 
@@ -40,7 +40,7 @@ class SegmentationDataset(Dataset[Any]):
         ids: item ids in dataset order.
         labels: one stratum label per item.
         transform: applied by ``__getitem__`` to the :class:`RawSample`; see
-            :mod:`examples.transforms`.
+            :mod:`examples.data.transforms`.
     """
 
     def __init__(self, transform: Transform) -> None:
