@@ -18,7 +18,8 @@ from pathlib import Path
 import argparse
 from typing import Callable, Iterable
 
-from examples.data.folders import DataError, build_dataset
+from examples.data.folders import DataError
+from examples.data.registry import build_dataset
 from examples.data.duplicates import NEAR_THRESHOLD, find_duplicates
 from examples.data.splits import DEFAULT_FRACTIONS, dataset_greys, make_splits, write_splits
 

@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 from PIL import Image
 
-from examples.data.phantom import PhantomDataset
+from examples.data.phantom_dataset import PhantomDataset
 
 
 def pick_indices(dataset: PhantomDataset, columns: int) -> list[int]:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from examples.data.folders import BUSIDataset, build_dataset
+from examples.data.folders import BUSIDataset
+from examples.data.registry import build_dataset
 from examples.data.duplicates import find_duplicates
 from examples.data.splits import dataset_greys, make_splits, validate_splits
 

@@ -15,7 +15,10 @@ from torch import Tensor, nn
 
 from cscpa_layers import EdgePrototypeAttention, ForegroundPrototypeAttention
 from examples.engine.checkpoint import save_atomic
-from examples.engine.step import CSCPAOptions, CSCPAStep, NonFiniteLossError, labels_at, poly_lr
+from examples.engine.cscpa_step import CSCPAStep
+from examples.engine.config import TrainConfig
+from examples.engine.optim import sgd_poly
+from examples.engine.step import CSCPAOptions, NonFiniteLossError, labels_at
 from examples.engine.metrics import dice_iou, mean_std
 from examples.engine.streams import IndexStream, SeededItems, StreamBatches
 
@@ -139,10 +142,17 @@ def test_labels_at_keeps_ignored_pixels_and_classes() -> None:
     assert labels_at(labels, (2, 2)).tolist() == [[[0, 1], [255, 1]]]
 
 
-def test_poly_lr() -> None:
-    assert poly_lr(0.01, 0, 100) == pytest.approx(0.01)
-    assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5**0.9)
-    assert poly_lr(0.01, 100, 100) == 0.0
+def test_the_trainers_schedule_is_poly_with_power_0_9() -> None:
+    net = nn.Linear(2, 2)
+    optimizer, scheduler = sgd_poly(net, TrainConfig(lr=0.01), 100)
+    seen = {}
+    for t in range(101):
+        seen[t] = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+    assert seen[0] == pytest.approx(0.01)
+    assert seen[50] == pytest.approx(0.01 * 0.5**0.9)
+    assert seen[100] == 0.0
 
 
 def test_streams_are_deterministic_and_split_between_ranks() -> None:

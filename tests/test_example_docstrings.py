@@ -11,8 +11,9 @@ MODULES = [
     "examples.data.samples",
     "examples.data.transforms",
     "examples.data.base",
-    "examples.data.folders",
+    "examples.data.registry",
     "examples.data.phantom",
+    "examples.data.phantom_dataset",
     "examples.data.duplicates",
     "examples.models.deeplab",
 ]

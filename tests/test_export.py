@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from examples import export
 from examples.engine.checkpoint import save_atomic
 from examples.models.deeplab import DeepLabV3Plus
-from examples.predict import load_model
-from examples.train_busi import build_model
-from examples.engine.trainer import TrainConfig
+from examples.models.trained import load_trained as load_model
+from examples.engine.run import build_model
+from examples.engine.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

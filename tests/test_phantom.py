@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from examples.data.folders import build_dataset
+from examples.data.registry import build_dataset
+from examples.data.phantom_dataset import PhantomDataset
 from examples.data.phantom import (
     LESION_COUNT_PROBS,
-    PhantomDataset,
     count_lesions,
     phantom_seed,
     rayleigh_speckle,

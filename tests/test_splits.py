@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from examples.data.folders import build_dataset
+from examples.data.registry import build_dataset
 from examples.data.duplicates import NEAR_THRESHOLD, Duplicates, difference_hash, find_duplicates, pixel_hash
 from examples.data.splits import FoldSplit, dataset_greys, load_split, make_splits, validate_splits, write_splits
 from tests._data_trees import make_busi_tree, smooth_image

@@ -67,7 +67,8 @@ class IterationSuite(Suite):
         return [Series("iteration", dtype, FULL) for dtype in default_dtypes(device, mode)]
 
     def build(self, case: Case, device: torch.device) -> Runner:
-        from examples.engine.step import CSCPAOptions, CSCPAStep
+        from examples.engine.cscpa_step import CSCPAStep
+        from examples.engine.step import CSCPAOptions
         from examples.models.deeplab import DeepLabV3Plus
 
         s = case.sizes

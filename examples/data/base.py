@@ -34,7 +34,8 @@ def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
 
 
 class SegmentationDataset(Dataset[Any]):
-    """Base class: subclasses fill ``_items``, ``ids`` and ``labels`` and implement ``_load_item``.
+    """Base class of every dataset: subclasses fill ``items``, ``ids`` and ``labels`` and implement
+    ``load_item`` (docs/data.md, "Your own dataset").
 
     Attributes:
         ids: item ids in dataset order.
@@ -47,9 +48,9 @@ class SegmentationDataset(Dataset[Any]):
         self.transform = transform
         self.ids: list[str] = []
         self.labels: list[str] = []
-        self._items: list[Any] = []
+        self.items: list[Any] = []
 
-    def _load_item(self, item: Any, item_id: str) -> RawSample:
+    def load_item(self, item: Any, item_id: str) -> RawSample:
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -59,7 +60,7 @@ class SegmentationDataset(Dataset[Any]):
         """Item ``index`` decoded but not transformed: uint8 (3, H, W) image, (H, W) mask."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} is out of range for a dataset of {len(self)} items")
-        return self._load_item(self._items[index], self.ids[index])
+        return self.load_item(self.items[index], self.ids[index])
 
     def load_grey(self, index: int) -> np.ndarray:
         """Item ``index``'s image as (H, W) uint8 greyscale, for hashing (no mask decoded)."""
@@ -97,7 +98,7 @@ class SegmentationDataset(Dataset[Any]):
             repeated = sorted({i for i in wanted if wanted.count(i) > 1}, key=natural_key)
             raise ValueError(f"subset ids must be unique, repeated: {repeated[:5]}")
         out = copy.copy(self)
-        out._items = [self._items[positions[i]] for i in wanted]
+        out.items = [self.items[positions[i]] for i in wanted]
         out.ids = list(wanted)
         out.labels = [self.labels[positions[i]] for i in wanted]
         return out

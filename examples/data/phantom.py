@@ -44,7 +44,6 @@ from examples.data.transforms import NormalizeTransform
 
 __all__ = [
     "LESION_COUNT_PROBS",
-    "PhantomDataset",
     "PhantomImage",
     "count_lesions",
     "phantom_seed",
@@ -288,54 +287,3 @@ def count_lesions(seed: int, *, size: int = 256) -> int:
 def phantom_seed(seed: int, index: int) -> int:
     """The generator seed of image ``index`` of a phantom with ``seed`` (decorrelated)."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
-
-
-class PhantomDataset(SegmentationDataset):
-    """``num_images`` synthetic breast-ultrasound images, rendered on the fly (no files).
-
-    Items are the same as the folder datasets': id ``phantom/000123``, a three-channel
-    uint8 image with greyscale content and a binary mask; labels (strata) are
-    ``"lesions=k"``. Image ``i`` depends only on (seed, i, size).
-
-    Args:
-        num_images: number of images.
-        size: image side in pixels.
-        seed: phantom seed; different seeds give unrelated images.
-        transform: applied to each :class:`RawSample`; default :class:`NormalizeTransform`.
-
-    Example:
-        >>> ds = PhantomDataset(4, size=64)
-        >>> s = ds[0]
-        >>> s.id, tuple(s.image.shape), tuple(s.mask.shape)
-        ('phantom/000000', (3, 64, 64), (64, 64))
-    """
-
-    def __init__(self, num_images: int, *, size: int = 256, seed: int = 0, transform: Transform | None = None) -> None:
-        super().__init__(NormalizeTransform() if transform is None else transform)
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive int, got {num_images!r}")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 32:
-            raise ValueError(f"size must be an int >= 32, got {size!r}")
-        self.num_images, self.size, self.seed = num_images, size, seed
-        self._items = list(range(num_images))
-        self.ids = [f"phantom/{i:06d}" for i in range(num_images)]
-        self.labels = [f"lesions={self.num_lesions(i)}" for i in range(num_images)]
-
-    def render(self, index: int, *, speckle: bool = True) -> PhantomImage:
-        """The full :class:`PhantomImage` of item ``index`` of this (sub)set."""
-        return render_phantom(phantom_seed(self.seed, self._items[index]), size=self.size, speckle=speckle)
-
-    def num_lesions(self, index: int) -> int:
-        """Lesions in image ``index`` (cheap: no rendering)."""
-        return count_lesions(phantom_seed(self.seed, self._items[index]), size=self.size)
-
-    def _load_item(self, item: Any, item_id: str) -> RawSample:
-        rendered = render_phantom(phantom_seed(self.seed, item), size=self.size)
-        # replicate in numpy: a parallel torch op here waits for the second core to wake up,
-        # which on a busy 2-core machine tripled the cost of an item
-        image = np.ascontiguousarray(np.broadcast_to(rendered.image.numpy(), (3, self.size, self.size)))
-        mask = rendered.mask.numpy().astype(np.uint8)
-        return RawSample(tv_tensors.Image(torch.from_numpy(image)), tv_tensors.Mask(torch.from_numpy(mask)), item_id)
-
-    def __repr__(self) -> str:
-        return f"PhantomDataset({self.num_images} images, size={self.size}, seed={self.seed})"
