@@ -24,7 +24,6 @@ Everything runs on the CPU (a few minutes at BUSI sizes). Nothing is written to 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import argparse

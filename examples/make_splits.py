@@ -19,7 +19,7 @@ import argparse
 from typing import Callable, Iterable
 
 from examples.data.folders import DataError
-from examples.data.registry import build_dataset
+from examples.data.registry import DataOptions, build_dataset
 from examples.data.duplicates import NEAR_THRESHOLD, find_duplicates
 from examples.data.splits import DEFAULT_FRACTIONS, dataset_greys, make_splits, write_splits
 
@@ -37,9 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--near-threshold", type=int, default=NEAR_THRESHOLD,
                         help=f"Hamming distance (of 256 bits) for near-duplicates (default {NEAR_THRESHOLD}; -1: off)")
     parser.add_argument("--include-normal", action="store_true", help="BUSI: also split normal/ (default: abnormal only)")
-    parser.add_argument("--count", type=int, default=200, help="phantom: number of images (default 200)")
-    parser.add_argument("--phantom-size", type=int, default=256, help="phantom: image side (default 256)")
-    parser.add_argument("--phantom-seed", type=int, default=0, help="phantom: generator seed (default 0)")
+    parser.add_argument("--count", type=int, default=DataOptions.phantom_count,
+                        help="phantom: number of images (default %(default)s)")
+    parser.add_argument("--phantom-size", type=int, default=DataOptions.phantom_size,
+                        help="phantom: image side (default %(default)s)")
+    parser.add_argument("--phantom-seed", type=int, default=DataOptions.phantom_seed,
+                        help="phantom: generator seed (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 

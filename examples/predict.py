@@ -10,12 +10,10 @@ like masks (`*_mask*.png`) are skipped. For each image, DIR receives `<name>_pre
 
 from __future__ import annotations
 
-import pickle
 import sys
 from pathlib import Path
 
 import argparse
-from typing import Any
 
 import numpy as np
 import torch

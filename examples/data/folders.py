@@ -39,7 +39,7 @@ from torchvision import tv_tensors
 from tqdm import tqdm
 
 from examples.data.base import SegmentationDataset, Transform, natural_key
-from examples.data.images import DataError, decoded, header_size, open_image, read_image, read_mask
+from examples.data.images import DataError, decoded, header_size, read_image, read_mask
 from examples.data.samples import RawSample
 from examples.data.transforms import NormalizeTransform
 

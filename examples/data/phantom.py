@@ -30,20 +30,17 @@ resizing.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision import tv_tensors
 
-from examples.data.base import SegmentationDataset, Transform
-from examples.data.samples import RawSample
-from examples.data.transforms import NormalizeTransform
 
 __all__ = [
     "LESION_COUNT_PROBS",
+    "PHANTOM_SIZE",
     "PhantomImage",
     "count_lesions",
     "phantom_seed",
@@ -54,6 +51,7 @@ __all__ = [
 LESION_COUNT_PROBS = (0.2, 0.45, 0.25, 0.1)
 """Probability of 0, 1, 2 and 3 lesions in an image."""
 DYNAMIC_RANGE_DB = 40.0
+PHANTOM_SIZE = 256  # image side by default, in pixels
 _ANGLES = 360  # resolution of the r(θ) lookup table
 
 Rng = np.random.Generator
@@ -223,7 +221,7 @@ def _generators(seed: int) -> tuple[Rng, Rng]:
     return np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
 
 
-def render_phantom(seed: int, *, size: int = 256, speckle: bool = True) -> PhantomImage:
+def render_phantom(seed: int, *, size: int = PHANTOM_SIZE, speckle: bool = True) -> PhantomImage:
     """Render one phantom image from a non-negative integer seed; see the module docstring.
 
     Args:
@@ -279,7 +277,7 @@ def render_phantom(seed: int, *, size: int = 256, speckle: bool = True) -> Phant
     return PhantomImage(torch.from_numpy(image), torch.from_numpy(mask), len(lesions), torch.from_numpy(echo))
 
 
-def count_lesions(seed: int, *, size: int = 256) -> int:
+def count_lesions(seed: int, *, size: int = PHANTOM_SIZE) -> int:
     """Lesions :func:`render_phantom` places for ``seed``, without rendering (microseconds)."""
     return len(_layout(_generators(seed)[0], size))
 

@@ -9,7 +9,7 @@ import torch
 from torchvision import tv_tensors
 
 from examples.data.base import SegmentationDataset, Transform
-from examples.data.phantom import PhantomImage, count_lesions, phantom_seed, render_phantom
+from examples.data.phantom import PHANTOM_SIZE, PhantomImage, count_lesions, phantom_seed, render_phantom
 from examples.data.samples import RawSample
 from examples.data.transforms import NormalizeTransform
 
@@ -36,7 +36,7 @@ class PhantomDataset(SegmentationDataset):
         ('phantom/000000', (3, 64, 64), (64, 64))
     """
 
-    def __init__(self, num_images: int, *, size: int = 256, seed: int = 0, transform: Transform | None = None) -> None:
+    def __init__(self, num_images: int, *, size: int = PHANTOM_SIZE, seed: int = 0, transform: Transform | None = None) -> None:
         super().__init__(NormalizeTransform() if transform is None else transform)
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a positive int, got {num_images!r}")

@@ -21,9 +21,7 @@ Run it on the synthetic phantom (no files needed):
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import NamedTuple
 
 import torch

@@ -15,8 +15,6 @@ Run:
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import argparse
 import io

@@ -11,8 +11,6 @@ It prints the loss and the foreground IoU on held-out images before and after tr
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import argparse
 import time
