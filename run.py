@@ -28,7 +28,7 @@ EXTRAS = {"main": "examples", "test": "test,examples,export"}
 # 2-core CPU (about 7 minutes): ResNet-18 from random weights (no download), 128 px images,
 # 96 px crops, 10 short epochs. Arguments after `main` override any of these; with `--preset`
 # among them, MAIN_SETTINGS are left out so that the preset's values apply.
-MAIN_BASE = ["examples/train_busi.py", "--method", "both", "--data", "phantom", "--labeled", "1/8", "--workers", "0",
+MAIN_BASE = ["-m", "examples.train_busi", "--method", "both", "--data", "phantom", "--labeled", "1/8", "--workers", "0",
              "--out", "runs/quickstart"]
 MAIN_SETTINGS = [
     "--backbone", "resnet18", "--output-stride", "16", "--no-pretrained", "--resize", "128", "--crop", "96",

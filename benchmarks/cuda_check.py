@@ -10,7 +10,7 @@ Steps, each with its own time limit, run whatever the previous one gave:
    really used, CUDA equal to CPU for every op.
 3. **benchmarks**: ``benchmarks/run.py --device cuda --paper-size``: every suite at the
    paper's size (B = 8, C = 512, 129², crop 513) in float32 and bfloat16.
-4. **training**: two iterations of the reference trainer (``examples/train_busi.py``) on the
+4. **training**: two iterations of the reference trainer (``python -m examples.train_busi``) on the
    phantom at 513 crops with bfloat16 autocast: one of pre-training, then the container's
    initialisation, one CSC-PA iteration, validation and the test pass.
 5. **report**: ``docs/benchmarks.md`` regenerated from the results.
@@ -49,7 +49,7 @@ def steps(python: str, results: Path, docs: Path, work: Path, dry_run: bool) -> 
     tests = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", "tests"]
     bench = [python, "benchmarks/run.py", "--results-dir", str(results), "--no-docs"]
     bench += ["--device", "cpu", "--smoke", "--no-memory", "--threads", "1"] if dry_run else ["--device", "cuda", "--paper-size"]
-    train = [python, "examples/train_busi.py", "--data", "phantom", "--method", "cscpa", "--out", str(work / "train"),
+    train = [python, "-m", "examples.train_busi", "--data", "phantom", "--method", "cscpa", "--out", str(work / "train"),
              "--epochs", "2", "--pretrain-epochs", "1", "--iters-per-epoch", "1",
              "--no-pretrained", "--workers", "0", "--overlays", "0", "--batch", "2"]
     if dry_run:

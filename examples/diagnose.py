@@ -1,7 +1,7 @@
 """Look inside a CSC-PA checkpoint: what EPA, FPA and the pseudo-labels do to this model.
 
-    python examples/diagnose.py runs/busi/cscpa/fold0/last.pt
-    python examples/diagnose.py runs/busi/cscpa/fold0/last.pt --batches 20 --json diag.json
+    python -m examples.diagnose runs/busi/cscpa/fold0/last.pt
+    python -m examples.diagnose runs/busi/cscpa/fold0/last.pt --batches 20 --json diag.json
 
 It rebuilds the model and the fold's data from the configuration stored in the checkpoint
 (``last.pt`` or ``best.pt`` of ``examples/train_busi.py``) and reports:
@@ -24,33 +24,31 @@ Everything runs on the CPU (a few minutes at BUSI sizes). Nothing is written to 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = _ROOT
-elif _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+from collections.abc import Iterator
+from typing import Any
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import copy  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from typing import Any  # noqa: E402
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from cscpa_layers import pseudo_labels  # noqa: E402
-from examples.evaluate import evaluate  # noqa: E402
-from examples.samples import IGNORE_INDEX  # noqa: E402
-from examples.streams import IndexStream, StreamBatches  # noqa: E402
-from examples.predict import model_from_checkpoint, read_checkpoint  # noqa: E402
-from examples.train_busi import fold_data, open_dataset  # noqa: E402
-from examples.trainer import TrainConfig, _loader, reestimate_bn, stage1_input  # noqa: E402
+from cscpa_layers import pseudo_labels
+from examples.engine.evaluate import evaluate
+from examples.data.samples import IGNORE_INDEX
+from examples.engine.streams import IndexStream, StreamBatches
+from examples.data.folds import fold_data, open_dataset
+from examples.engine.batchnorm import reestimate_bn
+from examples.engine.checkpoint import read_checkpoint
+from examples.engine.config import TrainConfig
+from examples.engine.step import step_classes
+from examples.engine.streams import loader
+from examples.models.deeplab import DeepLabV3Plus
+from examples.models.trained import trained_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,8 +86,8 @@ def training_batches(config: TrainConfig, data: Any, count: int) -> Iterator[tup
     labeled = IndexStream(len(data.labeled), seed=config.seed + 1, tag="diagnose-labeled")
     unlabeled = IndexStream(len(data.unlabeled), seed=config.seed + 1, tag="diagnose-unlabeled")
     yield from zip(
-        _loader(data.labeled, StreamBatches(labeled, 0, count, config.batch), 0),
-        _loader(data.unlabeled, StreamBatches(unlabeled, 0, count, config.batch), 0),
+        loader(data.labeled, StreamBatches(labeled, 0, count, config.batch), 0),
+        loader(data.unlabeled, StreamBatches(unlabeled, 0, count, config.batch), 0),
     )
 
 
@@ -97,7 +95,8 @@ def reestimated(model: nn.Module, config: TrainConfig, batches: list[tuple[Any, 
     """A copy of the model with BatchNorm statistics re-estimated as ``--precise-bn`` does:
     on the method's stage-1 input ([labeled, unlabeled] for CSC-PA, labeled for SupOnly)."""
     model = copy.deepcopy(model)
-    reestimate_bn(model, (stage1_input(config.method, l, u) for l, u in batches))
+    step = step_classes()[config.method]
+    reestimate_bn(model, (step.stage1_input(l.image, u.image) for l, u in batches))
     return model.eval()
 
 
@@ -156,18 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.checkpoint.is_file():
         raise SystemExit(f"{args.checkpoint}: no such file")
     state = read_checkpoint(args.checkpoint)
-    model, config = model_from_checkpoint(state)
-    model.eval()
+    model, config = DeepLabV3Plus.from_checkpoint(state).eval(), trained_config(state)
     config = dataclasses.replace(config, **{k: v for k, v in (("data", args.data), ("split", args.split)) if v is not None})
     # Without --split the trainer wrote (and reused) a split file in its --out folder.
     split = Path(config.split) if config.split else Path(config.out) / "splits.json"
     if not split.is_file():
         raise SystemExit(f"the checkpoint's split file {split} is missing; pass the split with --split")
-    namespace = argparse.Namespace(
-        data=config.data, include_normal=config.include_normal, phantom_images=config.phantom_images,
-        labeled=config.labeled, crop=config.crop, resize=config.resize, eval_size=config.eval_size,
-    )
-    data = fold_data(open_dataset(namespace), split, config.fold, namespace)
+    data = fold_data(open_dataset(config), split, config)
     report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "iteration": state.get("iteration")}
 
     def score(name: str, m: nn.Module, split: str = "val") -> None:

@@ -1,17 +1,17 @@
 """Export a trained checkpoint as a torch.export program (.pt2) and as ONNX, and check both.
 
-    python examples/export.py CHECKPOINT [--out DIR] [--format both|pt2|onnx] [--sample IMAGE]
+    python -m examples.export CHECKPOINT [--out DIR] [--format both|pt2|onnx] [--sample IMAGE]
                               [--atol 1e-4] [--seed 0]
 
-CHECKPOINT is a best.pt or last.pt written by examples/train_busi.py. The network is rebuilt
-the way examples/predict.py rebuilds it and exported in eval mode, as predict runs it: FPA with
+CHECKPOINT is a best.pt or last.pt of the trainer. The network is rebuilt from the checkpoint's
+own config (``DeepLabV3Plus.from_checkpoint``) and exported in eval mode, as predict runs it: FPA with
 the checkpoint's eval pairing (``self`` unless the run chose ``--fpa-eval identity``) and EPA
 with its stored edge bank, both part of the graph. DIR (default: the checkpoint's folder)
 receives ``<stem>.pt2`` (``torch.export.save``) and ``<stem>.onnx`` (``torch.onnx.export(...,
 dynamo=True)``, one file, weights inside).
 
 Both graphs take one normalised image, (1, 3, H, W) float32 (ImageNet statistics,
-``examples.transforms.normalize``), and return the logits, (1, 2, H, W). Height and width are
+``examples.data.transforms.normalize``), and return the logits, (1, 2, H, W). Height and width are
 dynamic when the exporter can keep them so (the accepted range is printed); otherwise the
 graph is fixed to the sample's size, and the command says so.
 
@@ -25,30 +25,23 @@ onnxscript, onnxruntime).
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
+import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = _ROOT
-elif _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.export import Dim, ExportedProgram
+from torchvision import tv_tensors
 
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import time  # noqa: E402
-from typing import Callable, NamedTuple  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from torch.export import Dim, ExportedProgram  # noqa: E402
-from torchvision import tv_tensors  # noqa: E402
-
-from examples.datasets import DataError, read_image  # noqa: E402
-from examples.predict import load_model  # noqa: E402
-from examples.samples import RawSample  # noqa: E402
-from examples.transforms import EvalTransform  # noqa: E402
+from examples.data.images import DataError, read_image
+from examples.data.samples import RawSample
+from examples.data.transforms import EvalTransform
+from examples.models.trained import load_trained
 
 FORMATS = ("both", "pt2", "onnx")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -238,11 +231,9 @@ def check(name: str, run: Callable[[Tensor], Tensor], model: nn.Module, x: Tenso
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="best.pt or last.pt from examples/train_busi.py")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="output folder (default: the checkpoint's folder)")
-    parser.add_argument("--format", choices=FORMATS, default="both",
-                        help="what to write: both (default), pt2 (torch.export only) or onnx")
+    parser.add_argument("checkpoint", type=Path, help="best.pt or last.pt of python -m examples.train_busi")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default: the checkpoint's folder)")
+    parser.add_argument("--format", choices=FORMATS, default="both", help="what to write: both (default), pt2 (torch.export only) or onnx")
     parser.add_argument("--sample", type=Path, default=None, metavar="IMAGE",
                         help="image to trace and check with (default: a seeded random image of the checkpoint's size)")
     parser.add_argument("--atol", type=float, default=1e-4,
@@ -263,10 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out if args.out is not None else args.checkpoint.parent
     out.mkdir(parents=True, exist_ok=True)
 
-    model, config = load_model(args.checkpoint, torch.device("cpu"))  # eval mode, as predict runs it
+    model, config = load_trained(args.checkpoint, torch.device("cpu"))  # eval mode, as predict runs it
     size = config.eval_size or config.crop  # what the trainer evaluated with, as in predict
-    fpa = getattr(model, "fpa", None)
-    epa = getattr(model, "epa", None)
+    fpa, epa = model.fpa, model.epa
     print(f"[export] {args.checkpoint}: {config.method}, {config.backbone}, input size {size}")
     print(f"[export] FPA: {'none' if fpa is None else 'eval pairing ' + repr(fpa.eval_pairing)}; EPA: "
           + ("none" if epa is None else "stored edge bank" if bool(epa.container.initialized)
@@ -275,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[export] sample: {args.sample or f'random image, seed {args.seed}'}, input {tuple(x.shape)}")
 
     print("[export] tracing with torch.export ...", flush=True)
-    started = time.perf_counter()
-    program = export_program(model, x)
+    started, program = time.perf_counter(), export_program(model, x)
     print(f"[export] traced in {time.perf_counter() - started:.0f} s", flush=True)
     fixed: list[ExportedProgram] = []  # the graph at the sample's size, traced once if needed
 
@@ -290,8 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         path = out / f"{args.checkpoint.stem}.{kind}"
         print(f"[export] writing {path} ...", flush=True)
-        started = time.perf_counter()
-        written = write(kind, program, fixed_program, x, path)
+        started, written = time.perf_counter(), write(kind, program, fixed_program, x, path)
         sides = accepted_sides(written)
         print(f"[export] wrote {path} in {time.perf_counter() - started:.0f} s; it accepts {describe(sides, x)}")
         artefacts.append((kind, path, sides))

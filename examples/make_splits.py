@@ -1,7 +1,7 @@
 """Write a duplicate-aware, stratified k-fold split file for a dataset.
 
-    python examples/make_splits.py DATA_DIR --folds 5 --seed 0 --out splits.json
-    python examples/make_splits.py phantom --count 200 --out phantom_splits.json
+    python -m examples.make_splits DATA_DIR --folds 5 --seed 0 --out splits.json
+    python -m examples.make_splits phantom --count 200 --out phantom_splits.json
 
 DATA_DIR is a BUSI folder (benign/ malignant/ [normal/]) or an images/ + masks/ folder
 (UDIAT's original/ + GT/ works too). Ids in the file are image paths relative to DATA_DIR.
@@ -15,21 +15,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script (python examples/make_splits.py), Python puts examples/ first on sys.path.
-# Replace it with the repository root so that `examples` imports as a package and its module
-# names (datasets, splits, ...) cannot shadow installed top-level packages.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = _ROOT
-elif _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import argparse
+from typing import Callable, Iterable
 
-import argparse  # noqa: E402
-from typing import Callable, Iterable  # noqa: E402
-
-from examples.datasets import DataError, build_dataset  # noqa: E402
-from examples.duplicates import NEAR_THRESHOLD, find_duplicates  # noqa: E402
-from examples.splits import DEFAULT_FRACTIONS, dataset_greys, make_splits, write_splits  # noqa: E402
+from examples.data.folders import DataError
+from examples.data.registry import DataOptions, build_dataset
+from examples.data.duplicates import NEAR_THRESHOLD, find_duplicates
+from examples.data.splits import DEFAULT_FRACTIONS, dataset_greys, make_splits, write_splits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,9 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--near-threshold", type=int, default=NEAR_THRESHOLD,
                         help=f"Hamming distance (of 256 bits) for near-duplicates (default {NEAR_THRESHOLD}; -1: off)")
     parser.add_argument("--include-normal", action="store_true", help="BUSI: also split normal/ (default: abnormal only)")
-    parser.add_argument("--count", type=int, default=200, help="phantom: number of images (default 200)")
-    parser.add_argument("--phantom-size", type=int, default=256, help="phantom: image side (default 256)")
-    parser.add_argument("--phantom-seed", type=int, default=0, help="phantom: generator seed (default 0)")
+    parser.add_argument("--count", type=int, default=DataOptions.phantom_count,
+                        help="phantom: number of images (default %(default)s)")
+    parser.add_argument("--phantom-size", type=int, default=DataOptions.phantom_size,
+                        help="phantom: image side (default %(default)s)")
+    parser.add_argument("--phantom-seed", type=int, default=DataOptions.phantom_seed,
+                        help="phantom: generator seed (default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 

@@ -1,6 +1,6 @@
 """Predict lesion masks with a trained checkpoint.
 
-    python examples/predict.py CHECKPOINT INPUT [--out DIR] [--device auto|cpu|cuda]
+    python -m examples.predict CHECKPOINT INPUT [--out DIR] [--device auto|cpu|cuda]
 
 CHECKPOINT is a best.pt or last.pt written by examples/train_busi.py (it carries the model
 configuration). INPUT is an image file or a folder of images (png, jpg, bmp, tif); files named
@@ -10,62 +10,25 @@ like masks (`*_mask*.png`) are skipped. For each image, DIR receives `<name>_pre
 
 from __future__ import annotations
 
-import pickle
 import sys
 from pathlib import Path
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = _ROOT
-elif _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import argparse
 
-import argparse  # noqa: E402
-from typing import Any  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from torchvision import tv_tensors
 
-from torchvision import tv_tensors  # noqa: E402
-
-from examples.datasets import DataError, read_image  # noqa: E402
-from examples.evaluate import overlay_picture, predict_full  # noqa: E402
-from examples.samples import RawSample  # noqa: E402
-from examples.trainer import TrainConfig, pick_device  # noqa: E402
-from examples.transforms import EvalTransform  # noqa: E402
+from examples.data.images import DataError, read_image
+from examples.engine.evaluate import overlay_picture, predict_full
+from examples.data.samples import RawSample
+from examples.engine.distributed import pick_device
+from examples.models.trained import load_trained
+from examples.data.transforms import EvalTransform
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
-
-def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The state dict that examples/train_busi.py saved (``last.pt`` or ``best.pt``), or a clear
-    SystemExit for a missing, unreadable or foreign file."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise SystemExit(f"{path} is not a checkpoint of examples/train_busi.py (cannot read it: {error})") from error
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise SystemExit(f"{path} is not a checkpoint of examples/train_busi.py (no 'model' and 'config' entries)")
-    return state
-
-
-def model_from_checkpoint(state: dict[str, Any]) -> tuple[torch.nn.Module, TrainConfig]:
-    """The network of a checkpoint read by :func:`read_checkpoint`, with its weights, and the
-    run's configuration. No ImageNet download: the checkpoint holds every weight."""
-    from examples.train_busi import build_model
-
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    config = TrainConfig(**{k: v for k, v in state["config"].items() if k in fields})
-    config.pretrained, config.weights = False, None  # the checkpoint holds every weight
-    model = build_model(config)
-    model.load_state_dict(state["model"])
-    return model, config
-
-
-def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, TrainConfig]:
-    model, config = model_from_checkpoint(read_checkpoint(path, device))
-    return model.to(device).eval(), config
 
 
 def inputs(path: Path) -> list[Path]:
@@ -88,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
-    model, config = load_model(args.checkpoint, device)
+    model, config = load_trained(args.checkpoint, device)
     transform = EvalTransform(config.eval_size or config.crop)  # what the trainer evaluated with
     args.out.mkdir(parents=True, exist_ok=True)
     files = inputs(args.input)

@@ -1,6 +1,6 @@
 """Draw phantom samples to a PNG: images on top, the same images with the mask outline below.
 
-    python examples/render_phantom.py --out docs/img/phantom.png [--columns 4] [--size 256] [--seed 0]
+    python -m examples.render_phantom --out docs/img/phantom.png [--columns 4] [--size 256] [--seed 0]
 
 The columns show the first images of the phantom with 0, 1, 2 and 3 lesions (then the next
 ones), so every lesion count appears. docs/img/phantom.png is made by this script.
@@ -11,20 +11,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, Python puts examples/ first on sys.path: swap it for the repository root so
-# that `examples` imports as a package (and its module names cannot shadow other packages).
-_ROOT = str(Path(__file__).resolve().parents[1])
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = _ROOT
-elif _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import argparse
 
-import argparse  # noqa: E402
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from examples.phantom import PhantomDataset  # noqa: E402
+from examples.data.phantom_dataset import PhantomDataset
 
 
 def pick_indices(dataset: PhantomDataset, columns: int) -> list[int]:

@@ -1,6 +1,6 @@
 """A paired study: SupOnly and CSC-PA trained on the same folds, compared image by image.
 
-    python examples/study.py --data ../shared/data/busi-dev --folds all --labeled 1/8 \\
+    python -m examples.study --data ../shared/data/busi-dev --folds all --labeled 1/8 \\
         --out runs/study-busi-dev-1of8 --json docs/results/busi-dev-1of8.json
 
 Every (fold, method) pair is one unit, trained by ``examples/train_busi.py`` into
@@ -25,7 +25,7 @@ After every unit the study prints and writes (``--json``, default ``--out/study.
 
 Several labeled fractions, the paper's Table 1 (``examples/study_table1.py``)::
 
-    python examples/study.py --data /path/to/UDIAT_Dataset_B --folds all --labeled 1/8,1/4,1/2 \\
+    python -m examples.study --data /path/to/UDIAT_Dataset_B --folds all --labeled 1/8,1/4,1/2 \\
         --out runs/study-udiat
 
 Each (fraction, fold, method) is then a unit in ``--out/<1of8|1of4|1of2>/<method>/fold<k>/``,
@@ -33,7 +33,7 @@ all on the one split (its labeled sets are nested), and the report leads with Ta
 the methods, columns the fractions, cells Dice % ± std and IoU % ± std over folds, then the
 paired statistics per fraction, then each fraction's tables as above. With one fraction the
 layout, the JSON and the report are the single-fraction ones above (plus a ``table1`` key).
-``--data`` is any folder train_busi.py reads (detected by ``examples.datasets.build_dataset``):
+``--data`` is any folder train_busi.py reads (detected by ``examples.data.registry.build_dataset``):
 BUSI, UDIAT's Dataset B (``original/`` + ``GT/``), images/ + masks/, or ``phantom``.
 """
 
@@ -42,31 +42,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = _ROOT
-elif _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from typing import Any, Sequence
 
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+from examples.data.folds import open_dataset, split_file
+from examples.engine.arguments import config_for, parse_args as parse_train_args
+from examples.engine.run import main as train
+from examples.study_table1 import FRACTIONS, fraction_tag, table1, table1_markdown
+from examples.engine.distributed import git_sha
+# bootstrap_ci, read_scores and wilcoxon_p are part of the study's API (tests use study.NAME)
+from examples.study_stats import bootstrap_ci, read_scores, summarise, table, wilcoxon_p  # noqa: F401
+from examples.study_units import METHODS, Unit, claim
 
-import numpy as np  # noqa: E402
-
-from examples import train_busi  # noqa: E402
-from examples.study_table1 import FRACTIONS, fraction_tag, table1, table1_markdown  # noqa: E402
-from examples.trainer import git_sha  # noqa: E402
-
-METHODS = ("suponly", "cscpa")
-NAMES = {"suponly": "SupOnly", "cscpa": "CSC-PA"}
 _OWN = ("--method", "--fold", "--folds", "--resume", "--out", "--labeled", "--data", "--split")
 
 
@@ -75,26 +66,6 @@ _OWN = ("--method", "--fold", "--folds", "--resume", "--out", "--labeled", "--da
 _NOT_COMPARED = ("resume", "out", "workers", "device", "stop_after", "overlays", "save_every")
 _CSCPA_ONLY = ("fpa", "epa", "pal", "masking", "threshold", "unsup_weight", "reliability", "patch_size", "mask_ratio",
                "keep_hard", "fpa_eval", "epa_gate", "fpa_kv_stride", "pretrain_epochs")
-
-
-@dataclass(frozen=True)
-class Unit:
-    fold: int
-    method: str
-    labeled: str
-    # the fraction's folder in a multi-fraction study; "" (one fraction) keeps --out/<method>/fold<k>/
-    subdir: str = ""
-
-    def root(self, out: Path) -> Path:
-        """The --out that train_busi.py gets for this unit."""
-        return out / self.subdir if self.subdir else out
-
-    def directory(self, out: Path) -> Path:
-        return self.root(out) / self.method / f"fold{self.fold}"
-
-    def label(self, number: int, total: int) -> str:
-        fraction = f", {self.labeled} labeled" if self.subdir else ""
-        return f"[study] unit {number}/{total}: fold {self.fold} {NAMES[self.method]}{fraction}"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -143,44 +114,10 @@ def train_argv(args: argparse.Namespace, rest: list[str], unit: Unit, split: Pat
             "--fold", str(unit.fold), "--out", out, "--resume"]
 
 
-def claim(unit_dir: Path) -> Path | None:
-    """Take the unit's lock file (``.study-lock`` holding our pid), or None when a live process
-    holds it. Several study processes can then share one --out: each trains the units no other
-    one is on. A lock left by a process that died is taken over."""
-    unit_dir.mkdir(parents=True, exist_ok=True)
-    lock = unit_dir / ".study-lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = int(lock.read_text().strip() or "0")
-            except (OSError, ValueError):
-                holder = 0
-            if holder and holder != os.getpid() and _alive(holder):
-                return None
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
-        return lock
-    return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def check_same_settings(unit: Unit, out: Path, args: argparse.Namespace, rest: list[str], split: Path) -> None:
     """A finished unit counts only if it was trained with the settings this study asks for."""
-    unit_args = train_busi.parse_args(train_argv(args, rest, unit, split))
-    wanted = dataclasses.asdict(train_busi.config_for(unit_args, unit.method, unit.fold))
+    unit_args = parse_train_args(train_argv(args, rest, unit, split))
+    wanted = dataclasses.asdict(config_for(unit_args, unit.method, unit.fold))
     saved = json.loads((unit.directory(out) / "results.json").read_text())["config"]
     for key, value in wanted.items():
         if key in _NOT_COMPARED or key not in saved or (unit.method == "suponly" and key in _CSCPA_ONLY):
@@ -201,117 +138,14 @@ def _same_file_content(a: Any, b: Any) -> bool:
         return False
 
 
-def read_scores(path: Path) -> dict[str, tuple[float, float]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        return {row["id"]: (float(row["dice"]), float(row["iou"])) for row in csv.DictReader(handle)}
-
-
-def wilcoxon_p(diffs: np.ndarray) -> float:
-    """Two-sided Wilcoxon signed-rank p-value; zero differences dropped; nan with none left."""
-    nonzero = diffs[diffs != 0]
-    if nonzero.size == 0:
-        return float("nan")
-    from scipy.stats import wilcoxon
-
-    return float(wilcoxon(nonzero).pvalue)
-
-
-def bootstrap_ci(diffs: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean of ``diffs`` over resamples of the images."""
-    if diffs.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for start in range(0, resamples, 1000):  # chunks keep memory small for large studies
-        stop = min(start + 1000, resamples)
-        picks = rng.integers(0, diffs.size, size=(stop - start, diffs.size))
-        means[start:stop] = diffs[picks].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def summarise(out: Path, units: list[Unit], resamples: int) -> dict[str, Any]:
-    """The study's numbers from the finished units' results.json and test_scores.csv."""
-    folds: list[dict[str, Any]] = []
-    per_image: dict[tuple[int, str], dict[str, tuple[float, float]]] = {}
-    for unit in units:
-        result = unit.directory(out) / "results.json"
-        if not result.exists():
-            continue
-        data = json.loads(result.read_text())
-        folds.append({"fold": unit.fold, "method": unit.method, "dice": data["test"]["dice"], "iou": data["test"]["iou"],
-                      "images": data["test"]["images"], "selected_epoch": data["selected_epoch"],
-                      "best_val_dice": data["best_val_dice"], "seconds": data["seconds"], "git_sha": data.get("git_sha")})
-        per_image[(unit.fold, unit.method)] = read_scores(unit.directory(out) / "test_scores.csv")
-    methods: dict[str, Any] = {}
-    for method in METHODS:
-        mine = [f for f in folds if f["method"] == method]
-        if mine:
-            dice = np.array([f["dice"] for f in mine])
-            iou = np.array([f["iou"] for f in mine])
-            methods[method] = {"folds": len(mine), "dice_mean": float(dice.mean()), "dice_std": float(dice.std()),
-                               "iou_mean": float(iou.mean()), "iou_std": float(iou.std())}
-    diffs, iou_diffs, paired_folds = [], [], []
-    image_rows: list[dict[str, Any]] = []
-    for fold in sorted({u.fold for u in units}):
-        a, b = per_image.get((fold, "suponly")), per_image.get((fold, "cscpa"))
-        if a is None or b is None:
-            continue
-        if set(a) != set(b):
-            raise SystemExit(f"fold {fold}: SupOnly and CSC-PA were scored on different test images")
-        paired_folds.append(fold)
-        for image in sorted(a):
-            diffs.append(b[image][0] - a[image][0])
-            iou_diffs.append(b[image][1] - a[image][1])
-            image_rows.append({"fold": fold, "id": image, "suponly_dice": a[image][0], "cscpa_dice": b[image][0],
-                              "suponly_iou": a[image][1], "cscpa_iou": b[image][1]})
-    d = np.array(diffs)
-    low, high = bootstrap_ci(d, resamples)
-    paired = {
-        "folds": paired_folds,
-        "images": int(d.size),
-        "mean_diff_dice": float(d.mean()) if d.size else float("nan"),
-        "mean_diff_iou": float(np.mean(iou_diffs)) if iou_diffs else float("nan"),
-        "ci95": [low, high],
-        "wilcoxon_p": wilcoxon_p(d),
-        "better": int((d > 0).sum()),
-        "worse": int((d < 0).sum()),
-        "tied": int((d == 0).sum()),
-    }
-    return {"folds": folds, "methods": methods, "paired": paired, "per_image": image_rows}
-
-
-def table(summary: dict[str, Any]) -> str:
-    def pct(x: float) -> str:
-        return "—" if x is None or math.isnan(x) else f"{100 * x:.2f}"
-
-    lines = ["| fold | SupOnly Dice | CSC-PA Dice | SupOnly IoU | CSC-PA IoU |", "|---|---|---|---|---|"]
-    by = {(f["fold"], f["method"]): f for f in summary["folds"]}
-    for fold in sorted({f["fold"] for f in summary["folds"]}):
-        s, c = by.get((fold, "suponly"), {}), by.get((fold, "cscpa"), {})
-        lines.append(f"| {fold} | {pct(s.get('dice', float('nan')))} | {pct(c.get('dice', float('nan')))} | "
-                     f"{pct(s.get('iou', float('nan')))} | {pct(c.get('iou', float('nan')))} |")
-    lines += ["", "| method | folds | Dice % (mean ± std over folds) | IoU % |", "|---|---|---|---|"]
-    for method, m in summary["methods"].items():
-        lines.append(f"| {NAMES[method]} | {m['folds']} | {pct(m['dice_mean'])} ± {pct(m['dice_std'])} | "
-                     f"{pct(m['iou_mean'])} ± {pct(m['iou_std'])} |")
-    p = summary["paired"]
-    if p["images"]:
-        lines += ["", f"paired CSC-PA − SupOnly over {p['images']} test images of folds {p['folds']}: "
-                      f"Dice {100 * p['mean_diff_dice']:+.2f} points, 95% CI [{100 * p['ci95'][0]:+.2f}, "
-                      f"{100 * p['ci95'][1]:+.2f}] (bootstrap over images), Wilcoxon p = {p['wilcoxon_p']:.3g}; "
-                      f"better on {p['better']}, worse on {p['worse']}, tied on {p['tied']}"]
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # train_busi validates the pass-through flags once, before any training
-    probe = train_busi.parse_args([*rest, "--data", args.data, "--out", args.out])
-    dataset = train_busi.open_dataset(probe)
-    split = train_busi.split_file(argparse.Namespace(**{**vars(probe), "split": args.split}), dataset, True)
+    probe = config_for(parse_train_args([*rest, "--data", args.data, "--out", args.out]), "cscpa", 0)
+    dataset = open_dataset(probe)
+    split = split_file(dataclasses.replace(probe, split=args.split), True)
     with open(split, encoding="utf-8") as handle:
         fold_count = len(json.load(handle)["folds"])
     if args.folds == "all":
@@ -347,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{label}: {'resuming from last.pt' if resumed else 'training'} in {unit.directory(out)}", flush=True)
         t0 = time.perf_counter()
         try:
-            status = train_busi.main(train_argv(args, rest, unit, split))
+            status = train(train_argv(args, rest, unit, split))
         finally:
             lock.unlink(missing_ok=True)
         if status:

@@ -12,6 +12,8 @@ Both need matplotlib (the ``examples`` extra).
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -60,10 +62,10 @@ def _selected_checkpoint(unit_dir: Path) -> Path:
 
 
 def _predictions(unit_dir: Path, samples: list[Any], device: torch.device) -> list[np.ndarray]:
-    from examples.evaluate import predict_full
-    from examples.predict import load_model
+    from examples.engine.evaluate import predict_full
+    from examples.models.trained import load_trained
 
-    model, _ = load_model(_selected_checkpoint(unit_dir), device)
+    model, _ = load_trained(_selected_checkpoint(unit_dir), device)
     with torch.no_grad():
         return [predict_full(model, s.image.to(device), tuple(s.full_mask.shape)).cpu().numpy() for s in samples]
 
@@ -73,10 +75,10 @@ def difference_grid(study_dir: Path, pairs: Sequence[tuple[int, str, float, floa
     """The ``count`` test images with the largest |CSC-PA − SupOnly| Dice, as rows of (image
     with the ground truth outlined, SupOnly's prediction, CSC-PA's prediction). Returns the
     rows shown. The images and masks are read back through each unit's stored configuration."""
-    from examples.evaluate import overlay_picture
-    from examples.predict import read_checkpoint
-    from examples.train_busi import fold_data, open_dataset
-    from examples.trainer import TrainConfig
+    from examples.engine.evaluate import overlay_picture
+    from examples.data.folds import fold_data, open_dataset
+    from examples.engine.checkpoint import read_checkpoint
+    from examples.models.trained import trained_config
 
     plt = _pyplot()
     device = torch.device(device)
@@ -91,10 +93,8 @@ def difference_grid(study_dir: Path, pairs: Sequence[tuple[int, str, float, floa
         ids = [p[1] for p in chosen if p[0] == fold]
         unit = {m: study_dir / m / f"fold{fold}" for m in ("suponly", "cscpa")}
         state = read_checkpoint(_selected_checkpoint(unit["cscpa"]))
-        fields = set(TrainConfig.__dataclass_fields__)
-        config = TrainConfig(**{k: v for k, v in state["config"].items() if k in fields})
-        args = _namespace(config)
-        data = fold_data(open_dataset(args), Path(config.split or study_dir / "splits.json"), fold, args)
+        config = dataclasses.replace(trained_config(state), fold=fold)
+        data = fold_data(open_dataset(config), Path(config.split or study_dir / "splits.json"), config)
         positions = [data.test.index_of(i) for i in ids]
         samples = [data.test[p] for p in positions]
         predicted = {m: _predictions(d, samples, device) for m, d in unit.items()}
@@ -118,13 +118,3 @@ def difference_grid(study_dir: Path, pairs: Sequence[tuple[int, str, float, floa
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return list(chosen)
-
-
-def _namespace(config: Any) -> Any:
-    """The few argparse fields that :func:`examples.train_busi.fold_data` and ``open_dataset`` read."""
-    import argparse
-
-    return argparse.Namespace(data=config.data, include_normal=config.include_normal,
-                              phantom_images=config.phantom_images, labeled=config.labeled, crop=config.crop,
-                              resize=config.resize, eval_size=config.eval_size, select=config.select,
-                              verify_data=False)

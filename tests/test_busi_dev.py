@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from examples.datasets import BUSIDataset, build_dataset
-from examples.duplicates import find_duplicates
-from examples.splits import dataset_greys, make_splits, validate_splits
+from examples.data.folders import BUSIDataset
+from examples.data.registry import build_dataset
+from examples.data.duplicates import find_duplicates
+from examples.data.splits import dataset_greys, make_splits, validate_splits
 
 BUSI_DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "busi-dev"
 

@@ -14,10 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from cscpa_layers import EdgePrototypeAttention, ForegroundPrototypeAttention
-from examples.checkpoint import save_atomic
-from examples.cscpa_step import CSCPAOptions, CSCPAStep, NonFiniteLossError, labels_at, poly_lr
-from examples.metrics import dice_iou, mean_std
-from examples.streams import IndexStream, SeededItems, StreamBatches
+from examples.engine.checkpoint import save_atomic
+from examples.engine.cscpa_step import CSCPAStep
+from examples.engine.config import TrainConfig
+from examples.engine.optim import sgd_poly
+from examples.engine.step import CSCPAOptions, NonFiniteLossError, labels_at
+from examples.engine.metrics import dice_iou, mean_std
+from examples.engine.streams import IndexStream, SeededItems, StreamBatches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,10 +142,17 @@ def test_labels_at_keeps_ignored_pixels_and_classes() -> None:
     assert labels_at(labels, (2, 2)).tolist() == [[[0, 1], [255, 1]]]
 
 
-def test_poly_lr() -> None:
-    assert poly_lr(0.01, 0, 100) == pytest.approx(0.01)
-    assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5**0.9)
-    assert poly_lr(0.01, 100, 100) == 0.0
+def test_the_trainers_schedule_is_poly_with_power_0_9() -> None:
+    net = nn.Linear(2, 2)
+    optimizer, scheduler = sgd_poly(net, TrainConfig(lr=0.01), 100)
+    seen = {}
+    for t in range(101):
+        seen[t] = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+    assert seen[0] == pytest.approx(0.01)
+    assert seen[50] == pytest.approx(0.01 * 0.5**0.9)
+    assert seen[100] == 0.0
 
 
 def test_streams_are_deterministic_and_split_between_ranks() -> None:
@@ -206,7 +216,7 @@ def test_atomic_save_leaves_no_partial_file(tmp_path: Path) -> None:
 def test_custom_network_example_runs() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "examples/custom_network.py", "--iters", "3", "--pretrain-iters", "2", "--size", "64"],
+        [sys.executable, "-m", "examples.tutorials.custom_network", "--iters", "3", "--pretrain-iters", "2", "--size", "64"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -13,9 +13,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
-from examples.datasets import BUSIDataset, DataError, ImageMaskFolder, build_dataset, read_image, read_mask
-from examples.samples import IGNORE_INDEX, EvalSample, RawSample, Sample, collate_samples
-from examples.transforms import (
+from examples.data.folders import BUSIDataset, ImageMaskFolder
+from examples.data.images import DataError, read_image, read_mask
+from examples.data.registry import build_dataset
+from examples.data.samples import IGNORE_INDEX, EvalSample, RawSample, Sample, collate_samples
+from examples.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EvalTransform,

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from examples.deeplab import BACKBONES, DeepLabV3Plus, ResNetBackbone, SegmentationOutput, dilate_layer
+from examples.models.backbones import BACKBONES, ResNetBackbone, dilate_layer
+from examples.models.deeplab import DeepLabV3Plus, SegmentationOutput
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

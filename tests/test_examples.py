@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_fpa_in_a_sequential_net_trains() -> None:
     result = subprocess.run(
-        [sys.executable, "examples/fpa_sequential.py", "--steps", "40"],
+        [sys.executable, "-m", "examples.tutorials.fpa_sequential", "--steps", "40"],
         cwd=ROOT,
         capture_output=True,
         text=True,

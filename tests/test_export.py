@@ -15,11 +15,11 @@ from PIL import Image
 from torch import Tensor, nn
 
 from examples import export
-from examples.checkpoint import save_atomic
-from examples.deeplab import DeepLabV3Plus
-from examples.predict import load_model
-from examples.train_busi import build_model
-from examples.trainer import TrainConfig
+from examples.engine.checkpoint import save_atomic
+from examples.models.deeplab import DeepLabV3Plus
+from examples.models.trained import load_trained as load_model
+from examples.engine.run import build_model
+from examples.engine.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,17 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from examples.datasets import build_dataset
-from examples.phantom import (
+from examples.data.registry import build_dataset
+from examples.data.phantom_dataset import PhantomDataset
+from examples.data.phantom import (
     LESION_COUNT_PROBS,
-    PhantomDataset,
     count_lesions,
     phantom_seed,
     rayleigh_speckle,
     render_phantom,
 )
-from examples.samples import Sample
-from examples.transforms import TrainTransform
+from examples.data.samples import Sample
+from examples.data.transforms import TrainTransform
 
 
 def test_item_format_matches_the_folder_datasets() -> None:

@@ -10,7 +10,8 @@ from types import ModuleType
 
 import pytest
 
-from examples import train_busi
+from examples.engine.arguments import parse_args
+from examples.engine.config import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,15 +27,15 @@ def _run_py() -> ModuleType:
 def test_main_job_defaults_and_overrides() -> None:
     run = _run_py()
     command = run.main_job(["--epochs", "2"])
-    assert command[0] == "examples/train_busi.py"
-    args = train_busi.parse_args(command[1:])
+    assert command[:2] == ["-m", "examples.train_busi"]
+    args = parse_args(command[2:])
     assert (args.backbone, args.no_pretrained, args.epochs, args.data) == ("resnet18", True, 2, "phantom")
 
 
 def test_a_preset_replaces_the_main_jobs_own_settings() -> None:
     run = _run_py()
-    args = train_busi.parse_args(run.main_job(["--data", "/some/BUSI", "--preset", "cpu"])[1:])
-    for key, value in train_busi.PRESETS["cpu"].items():
+    args = parse_args(run.main_job(["--data", "/some/BUSI", "--preset", "cpu"])[2:])
+    for key, value in PRESETS["cpu"].items():
         assert getattr(args, key) == value, key
     assert (args.no_pretrained, args.data, args.method, args.out) == (False, "/some/BUSI", "both", "runs/quickstart")
 

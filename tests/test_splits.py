@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from examples.datasets import build_dataset
-from examples.duplicates import NEAR_THRESHOLD, Duplicates, difference_hash, find_duplicates, pixel_hash
-from examples.splits import FoldSplit, dataset_greys, load_split, make_splits, validate_splits, write_splits
+from examples.data.registry import build_dataset
+from examples.data.duplicates import NEAR_THRESHOLD, Duplicates, difference_hash, find_duplicates, pixel_hash
+from examples.data.splits import FoldSplit, dataset_greys, load_split, make_splits, validate_splits, write_splits
 from tests._data_trees import make_busi_tree, smooth_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +223,7 @@ def test_dataset_greys_match_the_decoded_images(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "examples/make_splits.py", *args, "--quiet"], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "examples.make_splits", *args, "--quiet"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from examples import study, train_busi
+from examples import study
+from examples.engine.arguments import config_for, parse_args
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -74,7 +75,7 @@ def test_a_finished_unit_with_other_settings_is_refused(finished: Path) -> None:
 
 @pytest.mark.slow
 def test_an_interrupted_unit_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = train_busi.main
+    real = study.train
     calls: list[list[str]] = []
 
     def stop_after_the_first_unit(argv: list[str]) -> int:
@@ -83,7 +84,7 @@ def test_an_interrupted_unit_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyP
             raise SystemExit("stopped by signal 15 (test)")
         return real(argv)
 
-    monkeypatch.setattr(train_busi, "main", stop_after_the_first_unit)
+    monkeypatch.setattr(study, "train", stop_after_the_first_unit)
     argv = ["--data", "phantom", "--folds", "0", "--out", str(tmp_path), "--bootstrap", "100", *TINY]
     with pytest.raises(SystemExit, match="signal 15"):
         study.main(argv)
@@ -206,11 +207,11 @@ def _fake_train(argv: list[str]) -> int:
     import dataclasses
     import zlib
 
-    from examples.splits import load_split
+    from examples.data.splits import load_split
 
-    args = train_busi.parse_args(argv)
+    args = parse_args(argv)
     fold = int(args.fold)
-    config = train_busi.config_for(args, args.method, fold)
+    config = config_for(args, args.method, fold)
     unit = Path(args.out) / args.method / f"fold{fold}"
     unit.mkdir(parents=True, exist_ok=True)
     base = {"1/8": 0.40, "1/4": 0.50, "1/2": 0.60}[args.labeled] + (0.05 if args.method == "cscpa" else 0.0)
@@ -241,7 +242,7 @@ def udiat(tmp_path: Path) -> Path:
 def test_several_fractions_on_udiat_make_table1(udiat: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     calls: list[list[str]] = []
-    monkeypatch.setattr(train_busi, "main", lambda argv: calls.append(argv) or _fake_train(argv))
+    monkeypatch.setattr(study, "train", lambda argv: calls.append(argv) or _fake_train(argv))
     out = tmp_path / "study"
     argv = ["--data", str(udiat), "--folds", "0,1", "--labeled", "1/4,1/8", "--out", str(out), "--bootstrap", "200",
             "--no-figures", "--json", str(tmp_path / "copy.json")]

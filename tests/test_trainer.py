@@ -15,8 +15,12 @@ import pytest
 import torch
 
 from examples import train_busi
-from examples.cscpa_step import CSCPAStep, NonFiniteLossError
-from examples.evaluate import overlay_name
+from examples.engine.arguments import config_for, parse_args
+from examples.engine.config import PRESETS
+from examples.engine.run import build_model
+from examples.engine.cscpa_step import CSCPAStep
+from examples.engine.step import NonFiniteLossError
+from examples.engine.evaluate import overlay_name
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -159,7 +163,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "cut"
     process = subprocess.Popen(
-        [sys.executable, "examples/train_busi.py", *RESUME, "--out", str(out)],
+        [sys.executable, "-m", "examples.train_busi", *RESUME, "--out", str(out)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     checkpoint = out / "cscpa" / "fold0" / "last.pt"
@@ -171,7 +175,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
     assert "stopped by signal 15" in log, log[-2000:]
     stopped_at = torch.load(checkpoint, weights_only=False)["iteration"]
     assert 0 < stopped_at < 9
-    resumed = _run("examples/train_busi.py", *RESUME, "--out", str(out), "--resume")
+    resumed = _run("-m", "examples.train_busi", *RESUME, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {checkpoint} at iteration {stopped_at}" in resumed.stdout
 
@@ -179,7 +183,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ddp_with_two_cpu_ranks(tmp_path: Path) -> None:
     result = _run(
-        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "examples/train_busi.py",
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "examples.train_busi",
         *TINY, "--method", "cscpa", "--overlays", "0", "--out", str(tmp_path),
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -192,11 +196,11 @@ def test_ddp_with_two_cpu_ranks(tmp_path: Path) -> None:
 def test_predict_writes_masks_and_overlays(both_methods: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    from examples.phantom import PhantomDataset
+    from examples.data.phantom_dataset import PhantomDataset
 
     raw = PhantomDataset(2, size=120).load(1)
     Image.fromarray(raw.image.permute(1, 2, 0).numpy()).save(tmp_path / "scan.png")
-    result = _run("examples/predict.py", str(both_methods / "cscpa" / "fold0" / "best.pt"), str(tmp_path / "scan.png"),
+    result = _run("-m", "examples.predict", str(both_methods / "cscpa" / "fold0" / "best.pt"), str(tmp_path / "scan.png"),
                   "--out", str(tmp_path / "pred"), "--device", "cpu")
     assert result.returncode == 0, result.stderr[-2000:]
     mask = Image.open(tmp_path / "pred" / "scan_pred.png")
@@ -207,7 +211,7 @@ def test_predict_writes_masks_and_overlays(both_methods: Path, tmp_path: Path) -
 
 def test_predict_rejects_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    result = _run("examples/predict.py", str(tmp_path / "other.pt"), str(tmp_path), "--device", "cpu")
+    result = _run("-m", "examples.predict", str(tmp_path / "other.pt"), str(tmp_path), "--device", "cpu")
     assert result.returncode != 0
     assert "is not a checkpoint of examples/train_busi.py" in result.stderr
 
@@ -221,7 +225,7 @@ def test_overlay_names_drop_the_image_suffix(item_id: str, name: str) -> None:
 
 
 def test_help_documents_every_flag() -> None:
-    result = _run("examples/train_busi.py", "--help")
+    result = _run("-m", "examples.train_busi", "--help")
     assert result.returncode == 0
     for flag in ("--method", "--no-fpa", "--no-epa", "--no-pal", "--no-masking", "--data", "--split", "--fold", "--labeled",
                  "--backbone", "--crop", "--epochs", "--pretrain-epochs", "--batch", "--lr", "--seed", "--device", "--amp",
@@ -233,7 +237,7 @@ def test_help_documents_every_flag() -> None:
 @pytest.mark.parametrize("value", ["-1", "inf", "nan"])
 def test_unsup_weight_must_be_finite_and_not_negative(value: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        train_busi.parse_args(["--unsup-weight", value])
+        parse_args(["--unsup-weight", value])
     assert "--unsup-weight must be a finite number >= 0" in capsys.readouterr().err
 
 
@@ -262,16 +266,16 @@ def test_diagnose_rejects_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> Non
 
 def test_precise_bn_must_not_be_negative(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        train_busi.parse_args(["--precise-bn", "-1"])
+        parse_args(["--precise-bn", "-1"])
     assert "--precise-bn must be >= 0" in capsys.readouterr().err
 
 
 def test_fpa_kv_stride_flag_is_checked_and_reaches_the_model(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        train_busi.parse_args(["--fpa-kv-stride", "0"])
+        parse_args(["--fpa-kv-stride", "0"])
     assert "--fpa-kv-stride must be >= 1, got 0" in capsys.readouterr().err
-    args = train_busi.parse_args(["--fpa-kv-stride", "2", "--backbone", "resnet18", "--no-pretrained"])
-    model = train_busi.build_model(train_busi.config_for(args, "cscpa", 0))
+    args = parse_args(["--fpa-kv-stride", "2", "--backbone", "resnet18", "--no-pretrained"])
+    model = build_model(config_for(args, "cscpa", 0))
     assert model.fpa is not None and model.fpa.kv_stride == 2
 
 
@@ -291,17 +295,17 @@ def test_precise_bn_changes_the_running_statistics_only(tmp_path: Path) -> None:
 
 
 def test_cpu_preset_sets_defaults_and_flags_override_it() -> None:
-    args = train_busi.parse_args(["--preset", "cpu"])
-    for key, value in train_busi.PRESETS["cpu"].items():
+    args = parse_args(["--preset", "cpu"])
+    for key, value in PRESETS["cpu"].items():
         assert getattr(args, key) == value, key
-    args = train_busi.parse_args(["--preset", "cpu", "--crop", "96", "--no-epa-gate", "--backbone", "resnet18"])
+    args = parse_args(["--preset", "cpu", "--crop", "96", "--no-epa-gate", "--backbone", "resnet18"])
     assert (args.crop, args.epa_gate, args.backbone) == (96, False, "resnet18")
-    assert train_busi.parse_args([]).backbone == "resnet50"  # the paper's defaults without a preset
+    assert parse_args([]).backbone == "resnet50"  # the paper's defaults without a preset
 
 
 def test_backbone_learning_rate_is_a_separate_group_that_decays_too() -> None:
-    from examples.deeplab import DeepLabV3Plus
-    from examples.trainer import _param_groups
+    from examples.models.deeplab import DeepLabV3Plus
+    from examples.engine.optim import param_groups as _param_groups
 
     model = DeepLabV3Plus(backbone="resnet18", pretrained=False, fpa=False, epa=False, head_channels=16)
     groups = _param_groups(model, 0.01, 0.1)
@@ -318,7 +322,7 @@ def test_backbone_learning_rate_is_a_separate_group_that_decays_too() -> None:
 
 def test_head_channels_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        train_busi.parse_args(["--head-channels", "0"])
+        parse_args(["--head-channels", "0"])
     assert "--head-channels must be >= 1" in capsys.readouterr().err
 
 
@@ -326,7 +330,7 @@ def test_collectives_use_the_process_groups_device(monkeypatch: pytest.MonkeyPat
     """NCCL refuses CPU tensors; the stop-request all_reduce must use the training device."""
     import torch.distributed as dist
 
-    from examples.trainer import Distributed
+    from examples.engine.distributed import Distributed
 
     seen: list[torch.device] = []
 
@@ -390,7 +394,7 @@ def test_a_corrupt_image_is_named_mid_training_and_verify_data_finds_it_first(tm
 def test_every_run_writes_metrics_csv_and_curves_png(both_methods: Path) -> None:
     import csv
 
-    from examples.curves import COLUMNS
+    from examples.engine.curves import COLUMNS
 
     for method in ("suponly", "cscpa"):
         fold = both_methods / method / "fold0"

@@ -51,8 +51,8 @@ class IterationSuite(Suite):
 
     def available(self) -> str | None:
         try:
-            importlib.import_module("examples.deeplab")
-            importlib.import_module("examples.cscpa_step")
+            importlib.import_module("examples.models.deeplab")
+            importlib.import_module("examples.engine.step")
         except ImportError as error:
             return f"the reference model or the CSC-PA step is not in this checkout yet ({error})"
         return None
@@ -67,8 +67,9 @@ class IterationSuite(Suite):
         return [Series("iteration", dtype, FULL) for dtype in default_dtypes(device, mode)]
 
     def build(self, case: Case, device: torch.device) -> Runner:
-        from examples.cscpa_step import CSCPAOptions, CSCPAStep
-        from examples.deeplab import DeepLabV3Plus
+        from examples.engine.cscpa_step import CSCPAStep
+        from examples.engine.step import CSCPAOptions
+        from examples.models.deeplab import DeepLabV3Plus
 
         s = case.sizes
         full = case.impl == "cscpa"

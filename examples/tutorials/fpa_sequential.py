@@ -4,18 +4,13 @@ A toy segmentation task: find a bright disc in noise. Each training batch holds 
 4 "unlabeled" images; FPA pairs the halves index-wise, and the loss only uses the labeled half,
 as in semi-supervised training. Run:
 
-    python examples/fpa_sequential.py [--steps 60] [--seed 0]
+    python -m examples.tutorials.fpa_sequential [--steps 60] [--seed 0]
 
 It prints the loss and the foreground IoU on held-out images before and after training.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import time
@@ -24,7 +19,7 @@ import torch
 from torch import nn
 
 from cscpa_layers import ForegroundPrototypeAttention
-from examples.toy_discs import iou, make_batch
+from examples.tutorials.toy_discs import iou, make_batch
 
 
 def build_net(channels: int = 32) -> nn.Sequential:

@@ -1,228 +1,46 @@
-"""Training one fold of CSC-PA or SupOnly: data, schedule, checkpoints, evaluation.
+"""Training one fold: batch streams, schedule, checkpoints with exact resumption, evaluation.
 
-`train_fold` is what `examples/train_busi.py` runs per fold. The per-iteration logic is in
-`examples.cscpa_step.CSCPAStep`; this module owns everything around it: the deterministic
-batch streams, the poly learning rate, pre-training and the container's initialisation,
-per-epoch validation, atomic checkpoints with exact resumption, and the final test.
+`FoldTrainer` is what ``python -m examples.train_busi`` runs per fold and method. What one
+iteration does is the method's :class:`~examples.engine.step.Step` (SupOnly or CSC-PA, with
+its pre-training and the container's initialisation); this module owns everything around it:
+the deterministic batch streams, the poly learning rate, per-epoch validation, atomic
+checkpoints with exact resumption, and the final test. The network is any module that follows
+:mod:`examples.models.protocol`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
-import json
 import math
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from examples.checkpoint import StopRequest, rng_state, save_atomic, set_rng_state
-from examples.curves import write_history
-from examples.datasets import DataError
-from examples.cscpa_step import CSCPAOptions, CSCPAStep, NonFiniteLossError, StepStats
-from examples.evaluate import Evaluation, evaluate
-from examples.samples import collate_samples
-from examples.streams import IndexStream, SeededItems, StreamBatches, mix_seed
+from examples.data.folders import DataError
+from examples.engine.batchnorm import reestimate_bn
+from examples.engine.checkpoint import StopRequest, rng_state, save_atomic, set_rng_state
+from examples.engine.config import TrainConfig
+from examples.engine.curves import write_history
+from examples.engine.distributed import Distributed, autocast_factory, git_sha
+from examples.engine.evaluate import Evaluation, evaluate
+from examples.engine.results import FoldResult, write_fold_results
+from examples.engine.step import NonFiniteLossError, Step, StepStats
+from examples.engine.optim import sgd_poly
+from examples.engine.streams import IndexStream, StreamBatches, loader, mix_seed
+from examples.models.protocol import edge_container
+
+__all__ = ["CHECKPOINT_VERSION", "FoldTrainer"]
 
 CHECKPOINT_VERSION = 1
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; saved in every checkpoint and results file."""
-
-    method: str = "cscpa"  # "cscpa" or "suponly"
-    fpa: bool = True
-    epa: bool = True
-    pal: bool = True
-    masking: bool = True
-    data: str = "phantom"
-    phantom_images: int = 240
-    include_normal: bool = False
-    split: str | None = None
-    fold: int = 0
-    folds: int = 5
-    labeled: str = "1/8"
-    backbone: str = "resnet50"
-    output_stride: int = 8
-    pretrained: bool = True
-    weights: str | None = None
-    crop: int = 513
-    resize: int | None = None
-    eval_size: int | None = None
-    epochs: int = 200
-    pretrain_epochs: int = 10
-    iters_per_epoch: int | None = None
-    batch: int = 4
-    lr: float = 0.003
-    backbone_lr: float = 1.0  # the encoder's learning rate, as a multiple of lr
-    head_channels: int = 256  # width of the classifier's two 3x3 convs (the paper's 256)
-    epa_gate: bool = False
-    fpa_kv_stride: int = 1  # FPA keys and values from s x s windows; 1 is the paper's exact FPA
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    threshold: float = 0.8
-    unsup_weight: float = 1.0
-    reliability: str = "threshold"
-    patch_size: int | None = None
-    mask_ratio: float = 0.7
-    keep_hard: float = 0.7
-    fpa_eval: str = "self"
-    select: str = "best"
-    precise_bn: int = 0
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "none"
-    workers: int = 2
-    save_every: int = 50
-    overlays: int = 4
-    sync_bn: bool = False
-    stop_after: int = 0  # stop as a signal would after this iteration (tests of resumption); 0: never
-    out: str = "runs/cscpa"
-    resume: bool = False
-
-    @property
-    def uses_fpa(self) -> bool:
-        return self.method == "cscpa" and self.fpa
-
-    @property
-    def uses_epa(self) -> bool:
-        return self.method == "cscpa" and self.epa
-
-
-@dataclass
-class FoldResult:
-    method: str
-    fold: int
-    test: Evaluation
-    selected_epoch: int
-    best_val_dice: float
-    history: list[dict[str, float]]
-    seconds: float
-
-
-class Distributed:
-    """Rank, world size and the collectives the trainer needs; trivial without torchrun.
-
-    ``device`` is where collective tensors live: the process's GPU under NCCL (which refuses
-    CPU tensors), the CPU under gloo. Pass the device the process trains on.
-    """
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self.enabled = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if self.enabled else 0
-        self.world = dist.get_world_size() if self.enabled else 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when any rank says True (used for stop requests)."""
-        if not self.enabled:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(value)
-        return bool(value.item() > 0)
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-
-def git_sha() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but torch.cuda.is_available() is False")
-    return torch.device(name)
-
-
-def autocast_factory(amp: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
-    if amp == "none":
-        return contextlib.nullcontext
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-def stage1_input(method: str, labeled: Any, unlabeled: Any) -> torch.Tensor:
-    """The network input of one stage-1 (and pre-training) step from a labeled and an unlabeled
-    batch: ``[labeled, unlabeled]`` for CSC-PA, the labeled images alone for SupOnly."""
-    return torch.cat([labeled.image, unlabeled.image]) if method == "cscpa" else labeled.image
-
-
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, inputs: Iterable[torch.Tensor], *, autocast: Callable[[], Any] | None = None) -> None:
-    """Replace every BatchNorm's running statistics in ``model`` by their plain average over
-    ``inputs`` (network inputs, forwarded in training mode with the current weights).
-
-    Training mode normalises with batch statistics, so this changes evaluation only, never
-    the training trajectory. It matters for CSC-PA: EPA adds a large, nearly constant vector
-    whose size follows the edge bank from one iteration to the next, and stage 2 feeds masked
-    images through the same BatchNorms, so the running averages can lag the features and
-    evaluation collapse while the network itself is fine (docs/results.md). Use inputs like
-    the training batches (the same batch size and mix), since the averages are of per-batch
-    statistics.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average over the inputs
-    was_training = model.training
-    model.train()
-    try:
-        for x in inputs:
-            with autocast() if autocast is not None else contextlib.nullcontext():
-                model(x)
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.train(was_training)
-
-
-def _param_groups(model: nn.Module, lr: float, backbone_scale: float) -> list[dict[str, Any]]:
-    """One SGD group for ``model.backbone`` at ``lr * backbone_scale``, one for the rest at
-    ``lr``; a single group when the scale is 1 or the model has no ``backbone``."""
-    backbone = getattr(model, "backbone", None)
-    if backbone_scale == 1.0 or not isinstance(backbone, nn.Module):
-        return [{"params": list(model.parameters()), "lr": lr}]
-    inside = {id(p) for p in backbone.parameters()}
-    rest = [p for p in model.parameters() if id(p) not in inside]
-    return [{"params": list(backbone.parameters()), "lr": lr * backbone_scale}, {"params": rest, "lr": lr}]
-
-
-def _loader(dataset: Any, sampler: StreamBatches, workers: int) -> DataLoader[Any]:
-    return DataLoader(
-        SeededItems(dataset),
-        batch_sampler=sampler,
-        collate_fn=collate_samples,
-        num_workers=workers,
-        persistent_workers=False,
-    )
+# Settings a --resume must share with the checkpoint it continues.
+RESUME_KEYS = ("method", "fpa", "epa", "backbone", "output_stride", "crop", "resize", "epochs", "pretrain_epochs",
+               "batch", "fold", "labeled", "seed")
 
 
 class FoldTrainer:
@@ -230,8 +48,9 @@ class FoldTrainer:
 
     def __init__(self, config: TrainConfig, data: Any, model: nn.Module, out_dir: Path, device: torch.device) -> None:
         self.config = config
-        self.data = data  # has .labeled, .unlabeled, .val, .test (see examples.train_busi)
+        self.data = data  # has .labeled, .unlabeled, .val, .test (examples.data.folds.FoldData)
         self.out_dir = out_dir
+        self.last_path, self.best_path = out_dir / "last.pt", out_dir / "best.pt"
         self.device = device
         self.dist = Distributed(device)
         self.raw_model = model.to(device)
@@ -242,35 +61,15 @@ class FoldTrainer:
             ids = [device.index] if device.type == "cuda" else None
             # Stage 1 leaves the edge container's mixer unused, so unused parameters must be allowed.
             self.model = nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids, find_unused_parameters=True)
-        self.optimizer = torch.optim.SGD(
-            _param_groups(self.raw_model, config.lr, config.backbone_lr), lr=config.lr, momentum=config.momentum,
-            weight_decay=config.weight_decay,
-        )
         world_batch = config.batch * self.dist.world
         self.iters_per_epoch = config.iters_per_epoch or max(1, math.ceil(len(data.unlabeled) / world_batch))
         self.total_iters = config.epochs * self.iters_per_epoch
-        total = self.total_iters
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda t: max(0.0, 1.0 - t / total) ** 0.9
-        )
+        self.optimizer, self.scheduler = sgd_poly(self.raw_model, config, self.total_iters)
         self.scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
         self.autocast = autocast_factory(config.amp, device)
-        epa = getattr(self.raw_model, "epa", None)
-        self.container = epa.container if epa is not None else None
-        options = CSCPAOptions(
-            pal=config.method == "cscpa" and config.pal,
-            masking=config.method == "cscpa" and config.masking,
-            threshold=config.threshold,
-            unsup_weight=config.unsup_weight,
-            reliability=config.reliability,
-            patch_size=config.patch_size or max(1, config.crop // 9),
-            mask_ratio=config.mask_ratio,
-            keep_hard=config.keep_hard,
-        )
-        self.step_runner = CSCPAStep(
-            self.model, self.optimizer, container=self.container, options=options,
-            autocast=self.autocast, scaler=self.scaler,
-        )
+        self.container = edge_container(self.raw_model)
+        self.step = Step.from_config(config, self.model, self.optimizer, container=self.container,
+                                     autocast=self.autocast, scaler=self.scaler)
         self.iteration = 0
         self.best_val = -1.0
         self.best_epoch = -1
@@ -280,19 +79,10 @@ class FoldTrainer:
         self.git_shas: list[str] = []  # the code of every session that trained this run, in order
         self.epoch_totals: dict[str, float] = {}  # sums of this epoch's StepStats, for the epoch means
         self.epoch_count = 0
-        self.pretrain_edges: list[torch.Tensor] = []
         self.labeled_stream = IndexStream(len(data.labeled), seed=config.seed, tag=f"labeled-{config.fold}")
         self.unlabeled_stream = IndexStream(len(data.unlabeled), seed=config.seed, tag=f"unlabeled-{config.fold}")
 
     # -- checkpoints -------------------------------------------------------------------------
-
-    @property
-    def last_path(self) -> Path:
-        return self.out_dir / "last.pt"
-
-    @property
-    def best_path(self) -> Path:
-        return self.out_dir / "best.pt"
 
     def state(self) -> dict[str, Any]:
         return {
@@ -312,7 +102,7 @@ class FoldTrainer:
             "git_shas": self.git_shas,
             "epoch_totals": self.epoch_totals,
             "epoch_count": self.epoch_count,
-            "pretrain_edges": [e.cpu() for e in self.pretrain_edges],
+            "pretrain_edges": self.step.state_dict().get("pretrain_edges", []),
             "rng": rng_state(),
             "git_sha": git_sha(),
         }
@@ -325,7 +115,7 @@ class FoldTrainer:
     def load(self, path: Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=False)
         saved = state["config"]
-        for key in ("method", "fpa", "epa", "backbone", "output_stride", "crop", "resize", "epochs", "pretrain_epochs", "batch", "fold", "labeled", "seed"):
+        for key in RESUME_KEYS:
             if saved.get(key) != getattr(self.config, key):
                 raise SystemExit(
                     f"cannot resume from {path}: it was made with {key}={saved.get(key)!r}, this run has "
@@ -344,7 +134,7 @@ class FoldTrainer:
         self.last_stats = StepStats(**state["last_stats"]) if state.get("last_stats") else None
         self.epoch_totals, self.epoch_count = state.get("epoch_totals", {}), state.get("epoch_count", 0)
         self.git_shas = list(state.get("git_shas", []))
-        self.pretrain_edges = [e.to(self.device) for e in state["pretrain_edges"]]
+        self.step.load_state_dict(state, self.device)
         set_rng_state(state["rng"])
 
     # -- training ------------------------------------------------------------------------------
@@ -352,12 +142,12 @@ class FoldTrainer:
     def _batches(self, epoch: int) -> Iterator[tuple[Any, Any]]:
         first, last = self.iteration, (epoch + 1) * self.iters_per_epoch
         cfg, rank, world = self.config, self.dist.rank, self.dist.world
-        labeled = _loader(self.data.labeled, StreamBatches(self.labeled_stream, first, last, cfg.batch, rank=rank, world=world), cfg.workers)
-        if cfg.method == "suponly":
+        labeled = loader(self.data.labeled, StreamBatches(self.labeled_stream, first, last, cfg.batch, rank=rank, world=world), cfg.workers)
+        if not self.step.reads_unlabeled:
             for batch in labeled:
                 yield batch, None
             return
-        unlabeled = _loader(self.data.unlabeled, StreamBatches(self.unlabeled_stream, first, last, cfg.batch, rank=rank, world=world), cfg.workers)
+        unlabeled = loader(self.data.unlabeled, StreamBatches(self.unlabeled_stream, first, last, cfg.batch, rank=rank, world=world), cfg.workers)
         yield from zip(labeled, unlabeled)
 
     def _one_step(self, epoch: int, labeled: Any, unlabeled: Any) -> StepStats:
@@ -367,26 +157,8 @@ class FoldTrainer:
         generator = torch.Generator(self.device).manual_seed(mix_seed(cfg.seed, "draws", self.iteration))
         x_l = labeled.image.to(self.device, non_blocking=True)
         y_l = labeled.mask.to(self.device, non_blocking=True)
-        if cfg.method == "suponly":
-            return self.step_runner.supervised_step(x_l, y_l)
-        x_u = unlabeled.image.to(self.device, non_blocking=True)
-        if epoch < cfg.pretrain_epochs:
-            stats, edges = self.step_runner.pretrain_step(x_l, y_l, x_u, generator=generator)
-            if epoch == cfg.pretrain_epochs - 1 and self.container is not None:
-                self.pretrain_edges.append(edges)
-                # Keep the most recent rows only: enough to draw the bank from.
-                while sum(e.shape[0] for e in self.pretrain_edges) > 16 * self.container.bank.shape[0]:
-                    self.pretrain_edges.pop(0)
-            return stats
-        return self.step_runner.train_step(x_l, y_l, x_u, epoch=epoch, epochs=cfg.epochs, generator=generator)
-
-    def _end_of_pretraining(self) -> None:
-        if self.container is None or not self.pretrain_edges:
-            return
-        generator = torch.Generator(self.device).manual_seed(mix_seed(self.config.seed, "bank-init"))
-        candidates = torch.cat(self.pretrain_edges)
-        self.container.initialize(candidates, generator=generator)
-        self.pretrain_edges = []
+        x_u = None if unlabeled is None else unlabeled.image.to(self.device, non_blocking=True)
+        return self.step.run(x_l, y_l, x_u, epoch=epoch, generator=generator)
 
     def run(self, *, log: Callable[[str], None] = print) -> FoldResult:
         cfg = self.config
@@ -408,12 +180,9 @@ class FoldTrainer:
         with StopRequest() as stop:
             while self.iteration < self.total_iters:
                 epoch = self.iteration // self.iters_per_epoch
-                phase = "suponly" if cfg.method == "suponly" else ("pretrain" if epoch < cfg.pretrain_epochs else "cscpa")
-                bar = tqdm(
-                    total=self.iters_per_epoch, initial=self.iteration - epoch * self.iters_per_epoch,
-                    desc=f"fold {cfg.fold} {phase} epoch {epoch + 1}/{cfg.epochs}", disable=not self.dist.main,
-                    leave=False, dynamic_ncols=True, file=sys.stderr,
-                )
+                bar = tqdm(total=self.iters_per_epoch, initial=self.iteration - epoch * self.iters_per_epoch,
+                           desc=f"fold {cfg.fold} {self.step.phase(epoch)} epoch {epoch + 1}/{cfg.epochs}",
+                           disable=not self.dist.main, leave=False, dynamic_ncols=True, file=sys.stderr)
                 try:
                     for labeled, unlabeled in self._batches(epoch):
                         try:
@@ -453,11 +222,10 @@ class FoldTrainer:
         return self._finish(time.perf_counter() - start_time, log)
 
     def _end_epoch(self, epoch: int, stats: StepStats | None, log: Callable[[str], None]) -> float:
-        """What follows an epoch's last iteration: the container's initialisation at the end of
-        pre-training, BatchNorm re-estimation, validation, and the checkpoint."""
+        """What follows an epoch's last iteration: the step's own end (CSC-PA initialises the
+        container at the end of pre-training), BatchNorm re-estimation, validation, checkpoint."""
         cfg = self.config
-        if epoch == cfg.pretrain_epochs - 1 and cfg.method == "cscpa":
-            self._end_of_pretraining()
+        self.step.end_epoch(epoch)
         if cfg.precise_bn:
             self._reestimate_bn(epoch)
         val = self._validate(epoch, stats, log)
@@ -472,14 +240,15 @@ class FoldTrainer:
         cfg = self.config
         rank, world = self.dist.rank, self.dist.world
 
-        def stream(part: Any, name: str) -> DataLoader[Any]:
+        def stream(part: Any, name: str) -> Any:
             index = IndexStream(len(part), seed=cfg.seed, tag=f"precise-bn-{cfg.fold}-{epoch}-{name}")
-            return _loader(part, StreamBatches(index, 0, cfg.precise_bn, cfg.batch, rank=rank, world=world), cfg.workers)
+            return loader(part, StreamBatches(index, 0, cfg.precise_bn, cfg.batch, rank=rank, world=world), cfg.workers)
 
         labeled = stream(self.data.labeled, "labeled")
         # SupOnly never reads unlabeled images: pair its batches with None instead of loading them.
-        unlabeled = stream(self.data.unlabeled, "unlabeled") if cfg.method == "cscpa" else itertools.repeat(None)
-        inputs = (stage1_input(cfg.method, l, u).to(self.device, non_blocking=True) for l, u in zip(labeled, unlabeled))
+        unlabeled = stream(self.data.unlabeled, "unlabeled") if self.step.reads_unlabeled else itertools.repeat(None)
+        inputs = (self.step.stage1_input(l.image, None if u is None else u.image).to(self.device, non_blocking=True)
+                  for l, u in zip(labeled, unlabeled))
         reestimate_bn(self.model, inputs, autocast=self.autocast)
 
     def _validate(self, epoch: int, stats: StepStats | None, log: Callable[[str], None]) -> float:
@@ -522,28 +291,10 @@ class FoldTrainer:
                 self.raw_model, self.data.test, self.device, autocast=self.autocast,
                 overlays=cfg.overlays, overlay_dir=self.out_dir / "overlays",
             )
-            self._write_results(test, selected, seconds)
+            result = FoldResult(cfg.method, cfg.fold, test, selected, self.best_val, self.history, seconds)
+            write_fold_results(self.out_dir, cfg, result, git_shas=self.git_shas, device=self.device,
+                               world_size=self.dist.world)
             log(f"fold {cfg.fold} {cfg.method}: test Dice {test.dice:.4f} ± {test.dice_std:.4f}, IoU {test.iou:.4f} ± {test.iou_std:.4f} "
                 f"({len(test.scores)} images, checkpoint of epoch {selected}, {cfg.select} on val)")
         self.dist.barrier()
         return FoldResult(cfg.method, cfg.fold, test, selected, self.best_val, self.history, seconds)
-
-    def _write_results(self, test: Evaluation, selected: int, seconds: float) -> None:
-        summary = {
-            "method": self.config.method,
-            "fold": self.config.fold,
-            "config": dataclasses.asdict(self.config),
-            "git_sha": self.git_shas[-1] if self.git_shas else git_sha(),
-            "git_shas": self.git_shas,
-            "torch": torch.__version__,
-            "device": str(self.device),
-            "world_size": self.dist.world,
-            "selected_epoch": selected,
-            "best_val_dice": self.best_val,
-            "test": {"dice": test.dice, "dice_std": test.dice_std, "iou": test.iou, "iou_std": test.iou_std, "images": len(test.scores)},
-            "history": self.history,
-            "seconds": seconds,
-        }
-        (self.out_dir / "results.json").write_text(json.dumps(summary, indent=2))
-        lines = ["id,dice,iou"] + [f'"{s.id}",{s.dice:.6f},{s.iou:.6f}' for s in test.scores]
-        (self.out_dir / "test_scores.csv").write_text("\n".join(lines) + "\n")

@@ -40,7 +40,7 @@ class Sample(NamedTuple):
 
     Attributes:
         image: (3, H, W) float32, normalised with the ImageNet mean and std
-            (:func:`examples.transforms.normalize`).
+            (:func:`examples.data.transforms.normalize`).
         mask: (H, W) int64 in {0, 1}, or 255 (:data:`IGNORE_INDEX`) where the crop padded.
         id: as in :class:`RawSample`.
     """

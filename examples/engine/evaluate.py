@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from examples.metrics import dice_iou, mean_std
-from examples.transforms import denormalize
+from examples.engine.metrics import dice_iou, mean_std
+from examples.data.transforms import denormalize
 
 
 class ImageScore(NamedTuple):

@@ -19,7 +19,7 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from examples.samples import IGNORE_INDEX, EvalSample, RawSample, Sample
+from examples.data.samples import IGNORE_INDEX, EvalSample, RawSample, Sample
 
 __all__ = [
     "IMAGENET_MEAN",

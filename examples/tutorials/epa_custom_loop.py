@@ -10,16 +10,11 @@ A toy segmentation task: find a bright disc in noise. Batches hold 4 "labeled" a
 
 Run:
 
-    python examples/epa_custom_loop.py [--pretrain 20] [--steps 40] [--seed 0]
+    python -m examples.tutorials.epa_custom_loop [--pretrain 20] [--steps 40] [--seed 0]
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import io
@@ -28,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from cscpa_layers import EdgePrototypeAttention, select_edge_features
-from examples.toy_discs import iou, make_batch
+from examples.tutorials.toy_discs import iou, make_batch
 
 
 class TinyNet(nn.Module):

@@ -30,21 +30,17 @@ resizing.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision import tv_tensors
 
-from examples.dataset_base import SegmentationDataset, Transform
-from examples.samples import RawSample
-from examples.transforms import NormalizeTransform
 
 __all__ = [
     "LESION_COUNT_PROBS",
-    "PhantomDataset",
+    "PHANTOM_SIZE",
     "PhantomImage",
     "count_lesions",
     "phantom_seed",
@@ -55,6 +51,7 @@ __all__ = [
 LESION_COUNT_PROBS = (0.2, 0.45, 0.25, 0.1)
 """Probability of 0, 1, 2 and 3 lesions in an image."""
 DYNAMIC_RANGE_DB = 40.0
+PHANTOM_SIZE = 256  # image side by default, in pixels
 _ANGLES = 360  # resolution of the r(θ) lookup table
 
 Rng = np.random.Generator
@@ -224,7 +221,7 @@ def _generators(seed: int) -> tuple[Rng, Rng]:
     return np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
 
 
-def render_phantom(seed: int, *, size: int = 256, speckle: bool = True) -> PhantomImage:
+def render_phantom(seed: int, *, size: int = PHANTOM_SIZE, speckle: bool = True) -> PhantomImage:
     """Render one phantom image from a non-negative integer seed; see the module docstring.
 
     Args:
@@ -280,7 +277,7 @@ def render_phantom(seed: int, *, size: int = 256, speckle: bool = True) -> Phant
     return PhantomImage(torch.from_numpy(image), torch.from_numpy(mask), len(lesions), torch.from_numpy(echo))
 
 
-def count_lesions(seed: int, *, size: int = 256) -> int:
+def count_lesions(seed: int, *, size: int = PHANTOM_SIZE) -> int:
     """Lesions :func:`render_phantom` places for ``seed``, without rendering (microseconds)."""
     return len(_layout(_generators(seed)[0], size))
 
@@ -288,54 +285,3 @@ def count_lesions(seed: int, *, size: int = 256) -> int:
 def phantom_seed(seed: int, index: int) -> int:
     """The generator seed of image ``index`` of a phantom with ``seed`` (decorrelated)."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
-
-
-class PhantomDataset(SegmentationDataset):
-    """``num_images`` synthetic breast-ultrasound images, rendered on the fly (no files).
-
-    Items are the same as the folder datasets': id ``phantom/000123``, a three-channel
-    uint8 image with greyscale content and a binary mask; labels (strata) are
-    ``"lesions=k"``. Image ``i`` depends only on (seed, i, size).
-
-    Args:
-        num_images: number of images.
-        size: image side in pixels.
-        seed: phantom seed; different seeds give unrelated images.
-        transform: applied to each :class:`RawSample`; default :class:`NormalizeTransform`.
-
-    Example:
-        >>> ds = PhantomDataset(4, size=64)
-        >>> s = ds[0]
-        >>> s.id, tuple(s.image.shape), tuple(s.mask.shape)
-        ('phantom/000000', (3, 64, 64), (64, 64))
-    """
-
-    def __init__(self, num_images: int, *, size: int = 256, seed: int = 0, transform: Transform | None = None) -> None:
-        super().__init__(NormalizeTransform() if transform is None else transform)
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive int, got {num_images!r}")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 32:
-            raise ValueError(f"size must be an int >= 32, got {size!r}")
-        self.num_images, self.size, self.seed = num_images, size, seed
-        self._items = list(range(num_images))
-        self.ids = [f"phantom/{i:06d}" for i in range(num_images)]
-        self.labels = [f"lesions={self.num_lesions(i)}" for i in range(num_images)]
-
-    def render(self, index: int, *, speckle: bool = True) -> PhantomImage:
-        """The full :class:`PhantomImage` of item ``index`` of this (sub)set."""
-        return render_phantom(phantom_seed(self.seed, self._items[index]), size=self.size, speckle=speckle)
-
-    def num_lesions(self, index: int) -> int:
-        """Lesions in image ``index`` (cheap: no rendering)."""
-        return count_lesions(phantom_seed(self.seed, self._items[index]), size=self.size)
-
-    def _load_item(self, item: Any, item_id: str) -> RawSample:
-        rendered = render_phantom(phantom_seed(self.seed, item), size=self.size)
-        # replicate in numpy: a parallel torch op here waits for the second core to wake up,
-        # which on a busy 2-core machine tripled the cost of an item
-        image = np.ascontiguousarray(np.broadcast_to(rendered.image.numpy(), (3, self.size, self.size)))
-        mask = rendered.mask.numpy().astype(np.uint8)
-        return RawSample(tv_tensors.Image(torch.from_numpy(image)), tv_tensors.Mask(torch.from_numpy(mask)), item_id)
-
-    def __repr__(self) -> str:
-        return f"PhantomDataset({self.num_images} images, size={self.size}, seed={self.seed})"

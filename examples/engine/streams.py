@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from examples.data.samples import collate_samples
 
 
 def mix_seed(*parts: int | str) -> int:
@@ -78,3 +80,9 @@ class SeededItems(Dataset[Any]):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.base[index]
+
+
+def loader(dataset: Any, sampler: "StreamBatches", workers: int) -> DataLoader[Any]:
+    """The batches ``sampler`` draws from ``dataset``, each item seeded by its place in the stream."""
+    return DataLoader(SeededItems(dataset), batch_sampler=sampler, collate_fn=collate_samples, num_workers=workers,
+                      persistent_workers=False)

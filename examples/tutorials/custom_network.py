@@ -5,37 +5,37 @@ This is the drop-in recipe for your own network:
 1. put `ForegroundPrototypeAttention` and `EdgePrototypeAttention` on a decoder feature map F
    and fuse them as F' = F + F_f + F_e (both computed from F);
 2. return the logits at the input size, the logits at the feature size and F';
-3. hand the network, its optimiser and EPA's container to `examples.cscpa_step.CSCPAStep`,
-   which runs pre-training, then stage 1, confidence masking, the container update and stage 2
-   with the pixel affinity loss, per iteration.
+3. hand the network, its optimiser and EPA's container to `examples.engine.cscpa_step.CSCPAStep`,
+   whose `run` does pre-training, then stage 1, confidence masking, the container update and
+   stage 2 with the pixel affinity loss, per iteration, and whose `end_epoch` initialises the
+   container at the end of pre-training.
+
+To train it in the full trainer instead (streams, checkpoints, --resume, evaluation), see
+docs/custom-network.md and `examples.models.protocol`.
 
 Run it on the synthetic phantom (no files needed):
 
-    python examples/custom_network.py [--iters 30] [--pretrain-iters 10] [--size 96]
+    python -m examples.tutorials.custom_network [--iters 30] [--pretrain-iters 10] [--size 96]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import NamedTuple
-
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cscpa_layers import EdgePrototypeAttention, ForegroundPrototypeAttention
-from examples.cscpa_step import CSCPAOptions, CSCPAStep
-from examples.dataset_base import SegmentationDataset
-from examples.evaluate import evaluate
-from examples.phantom import PhantomDataset
-from examples.samples import collate_samples
-from examples.transforms import EvalTransform, TrainTransform
+from examples.engine.cscpa_step import CSCPAStep
+from examples.engine.step import CSCPAOptions
+from examples.data.base import SegmentationDataset
+from examples.engine.evaluate import evaluate
+from examples.data.phantom_dataset import PhantomDataset
+from examples.data.samples import collate_samples
+from examples.data.transforms import EvalTransform, TrainTransform
 
 
 class Outputs(NamedTuple):
@@ -94,7 +94,10 @@ def main() -> None:
 
     model = TinyUNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    step = CSCPAStep(model, optimizer, container=model.epa.container, options=CSCPAOptions(patch_size=args.size // 8, edge_samples=64))
+    # Pre-training is epoch 0 (all its iterations' edges fill the container at its end), then one
+    # epoch per CSC-PA iteration, so that t / T runs over the CSC-PA iterations.
+    step = CSCPAStep(model, optimizer, container=model.epa.container, pretrain_epochs=1, epochs=1 + args.iters,
+                     seed=args.seed, options=CSCPAOptions(patch_size=args.size // 8, edge_samples=64))
     generator = torch.Generator().manual_seed(args.seed)
 
     def batch(dataset: SegmentationDataset) -> tuple[Tensor, Tensor]:
@@ -103,16 +106,14 @@ def main() -> None:
         return items.image, items.mask
 
     start = time.perf_counter()
-    edges = []
     for it in range(args.pretrain_iters):
         (x_l, y_l), (x_u, _) = batch(labeled), batch(unlabeled)  # the unlabeled masks are never used
-        stats, found = step.pretrain_step(x_l, y_l, x_u, generator=generator)
-        edges.append(found)
+        stats = step.run(x_l, y_l, x_u, epoch=0, generator=generator)
         print(f"pre-train {it + 1:3d}  loss {stats.loss:.4f}  edge candidates {stats.edge_candidates}", flush=True)
-    model.epa.container.initialize(torch.cat(edges), generator=generator)
+    step.end_epoch(0)  # the container's bank from the buffered edges
     for it in range(args.iters):
         (x_l, y_l), (x_u, _) = batch(labeled), batch(unlabeled)
-        stats = step.train_step(x_l, y_l, x_u, epoch=it, epochs=args.iters, generator=generator)
+        stats = step.run(x_l, y_l, x_u, epoch=1 + it, generator=generator)
         print(
             f"cscpa {it + 1:3d}  loss {stats.loss:.4f}  CE_u {stats.ce_unlabeled:.4f}  PAL_u {stats.pal_unlabeled:.4f}  "
             f"masked {stats.masked:.2f}  mixer |w| {model.epa.container.mixer.weight.norm():.4f}",

@@ -1,0 +1,2 @@
+"""Training machinery: the iteration step classes, the fold loop, checkpoints, evaluation and the run
+configuration."""
