@@ -111,7 +111,7 @@ def epa_size(model: Any, data: Any) -> float | None:
     for index in range(len(data.val)):
         x = data.val[index].image[None]
         feats = model.decoder_features(x)
-        f_e = epa(feats) - feats
+        f_e = epa(feats, residual=False)  # F_e alone
         ratios.append((f_e.norm(dim=1).mean() / feats.norm(dim=1).mean()).item())
     return sum(ratios) / len(ratios)
 

@@ -71,8 +71,8 @@ class TinyUNet(nn.Module):
         e3 = self.enc3(F.max_pool2d(e2, 2))  # (B, 4w, H/4, W/4)
         up3 = F.interpolate(e3, size=e2.shape[-2:], mode="bilinear", align_corners=False)
         feats = self.dec2(torch.cat([up3, e2], 1))  # F, (B, 2w, H/2, W/2)
-        # F' = F + F_f + F_e: each layer returns F + its term, so subtract one F.
-        fused = self.fpa(feats) + self.epa(feats, edge_bank) - feats
+        # F' = F + F_f + F_e, each term from F (residual=False returns the term alone)
+        fused = feats + self.fpa(feats, residual=False) + self.epa(feats, edge_bank, residual=False)
         up2 = F.interpolate(fused, size=e1.shape[-2:], mode="bilinear", align_corners=False)
         logits = self.head(self.dec1(torch.cat([up2, e1], 1)))
         return Outputs(logits, self.head_low(fused), fused)
