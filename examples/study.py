@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     todo = [] if args.report else [unit for unit in units if unit.method in args.methods]
     started = time.perf_counter()
     print(f"[study] data {args.data}: {dataset!r}; split {split}", flush=True)
-    record = {"command": ["examples/study.py", *(argv if argv is not None else sys.argv[1:])], "train_args": rest,
+    record = {"command": ["python", "-m", "examples.study", *(argv if argv is not None else sys.argv[1:])], "train_args": rest,
               "labeled": args.labeled, "data": args.data, "split": str(split), "fractions": args.fractions,
               "dataset": repr(dataset)}
     for number, unit in enumerate(todo, 1):
