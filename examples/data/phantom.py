@@ -52,6 +52,7 @@ LESION_COUNT_PROBS = (0.2, 0.45, 0.25, 0.1)
 """Probability of 0, 1, 2 and 3 lesions in an image."""
 DYNAMIC_RANGE_DB = 40.0
 PHANTOM_SIZE = 256  # image side by default, in pixels
+PHANTOM_COUNT = 240  # images by default: the trainer's, make_splits' and build_dataset's
 _ANGLES = 360  # resolution of the r(θ) lookup table
 
 Rng = np.random.Generator

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from examples.data.base import SegmentationDataset, Transform
-from examples.data.phantom import PHANTOM_SIZE
+from examples.data.phantom import PHANTOM_COUNT, PHANTOM_SIZE
 from examples.data.folders import BUSIDataset, DataError, ImageMaskFolder, is_busi, not_a_dataset, paired_layout
 
 __all__ = ["DATASETS", "DataOptions", "DatasetBuilder", "build_dataset", "register_dataset"]
@@ -41,7 +41,7 @@ class DataOptions:
     include_normal: bool = False
     verify: bool = False
     skip_bad: bool = False
-    phantom_count: int = 200
+    phantom_count: int = PHANTOM_COUNT
     phantom_size: int = PHANTOM_SIZE
     phantom_seed: int = 0
 

@@ -122,7 +122,7 @@ class TrainTransform:
     Randomness comes from torch's global generator (seeded per DataLoader worker).
 
     Args:
-        crop: side of the square crop (the paper uses 513), or a pair (H, W).
+        crop: side of the square crop, or a pair (H, W); the trainer passes ``TrainConfig.crop``.
         scale_range: (low, high) range of the random scale factor.
         flip: probability of a horizontal flip.
         base_size: if given, images are first resized to this square side (CPU-sized runs
@@ -136,7 +136,7 @@ class TrainTransform:
         ((3, 64, 64), torch.int64, True)
     """
 
-    def __init__(self, crop: int | Sequence[int] = 513, *, scale_range: tuple[float, float] = (0.5, 2.0),
+    def __init__(self, crop: int | Sequence[int], *, scale_range: tuple[float, float] = (0.5, 2.0),
                  flip: float = 0.5, base_size: int | None = None) -> None:
         self.crop = _check_size(crop, "crop")
         self.base_size = None if base_size is None else _check_size(base_size, "base_size")
@@ -181,7 +181,7 @@ class EvalTransform:
         ((3, 32, 32), (32, 32), (40, 50))
     """
 
-    def __init__(self, size: int | Sequence[int] | None = 513) -> None:
+    def __init__(self, size: int | Sequence[int] | None) -> None:
         self.size = None if size is None else _check_size(size, "size")
         steps = _to_normalised()
         if self.size is not None:

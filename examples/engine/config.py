@@ -16,6 +16,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+from examples.data.phantom import PHANTOM_COUNT
 from examples.models.deeplab import BACKBONES, DeepLabV3Plus
 
 __all__ = ["GROUPS", "PRESETS", "TrainConfig", "cli"]
@@ -73,7 +74,7 @@ class TrainConfig:
     data: str = cli("phantom", "a BUSI folder (benign/ malignant/ [normal/]), an images/ + masks/ folder, a name "
                     "registered with examples.data.registry.register_dataset, or 'phantom' for the built-in synthetic "
                     "phantom (default %(default)s)", group="data")
-    phantom_images: int = cli(240, "phantom: number of images (default %(default)s)", group="data")
+    phantom_images: int = cli(PHANTOM_COUNT, "phantom: number of images (default %(default)s)", group="data")
     include_normal: bool = cli(False, "BUSI: also use normal/ (the paper uses abnormal images only)", group="data",
                                action="store_true")
     split: str | None = cli(None, "split file from python -m examples.make_splits (default: made once in "
