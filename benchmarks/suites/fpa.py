@@ -8,6 +8,8 @@ and the parameters, the cost of a training step's FPA.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from benchmarks.harness import DTYPES, PAPER, Case, Runner, Series, Suite, default_dtypes, itemsize
@@ -19,6 +21,42 @@ SMALL = {"B": 2, "C": 512, "H": 32, "W": 32}
 TARGET = {"B": 8, "C": 512, "H": 64, "W": 64}  # the paper's batch and widths at the target's N = 64²
 HALF = {"B": 2, "C": 512, "H": 64, "W": 64}
 SMOKE = [{"B": 2, "C": 8, "H": 4, "W": 4}]
+
+
+def fpa_layer_and_input(
+    case: Case, device: torch.device, **options: object
+) -> tuple[ForegroundPrototypeAttention, torch.Tensor, torch.Generator]:
+    """The seeded FPA layer (training mode, ``options`` to its constructor) and input of a case.
+
+    Returns the generator too: a suite draws its upstream gradient from it next, so every FPA
+    suite sees the same layer, input and gradient for the same sizes.
+    """
+    s = case.sizes
+    dtype = DTYPES[case.dtype]
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    layer = ForegroundPrototypeAttention(s["C"], **options).to(device=device, dtype=dtype).train()  # type: ignore[arg-type]
+    x = torch.randn(s["B"], s["C"], s["H"], s["W"], generator=gen).to(device=device, dtype=dtype)
+    return layer, x, gen
+
+
+def forward_or_backward(
+    call: Callable[[], torch.Tensor], x: torch.Tensor, params: list[torch.Tensor], grad: torch.Tensor, backward: bool
+) -> Runner:
+    """One measured call: ``call()`` under no_grad, or ``call().backward(grad)`` with the
+    gradients of ``x`` (made to require one) and ``params`` cleared first."""
+    x.requires_grad_(backward)
+
+    def run() -> object:
+        if not backward:
+            with torch.no_grad():
+                return call()
+        for t in (x, *params):
+            t.grad = None
+        call().backward(grad)
+        return None
+
+    return run
 
 
 class FPASuite(Suite):
@@ -47,16 +85,8 @@ class FPASuite(Suite):
         return [Series(op, dtype, FULL) for dtype in default_dtypes(device, mode) for op in ("forward", "forward+backward")]
 
     def build(self, case: Case, device: torch.device) -> Runner:
-        s = case.sizes
-        dtype = DTYPES[case.dtype]
-        gen = torch.Generator().manual_seed(0)
-        torch.manual_seed(0)
-        layer = ForegroundPrototypeAttention(s["C"]).to(device=device, dtype=dtype).train()
-        x = torch.randn(s["B"], s["C"], s["H"], s["W"], generator=gen).to(device=device, dtype=dtype)
-        grad = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
-        params = list(layer.parameters())
-        backward = case.op == "forward+backward"
-        x.requires_grad_(backward)
+        layer, x, gen = fpa_layer_and_input(case, device)
+        grad = torch.randn(x.shape, generator=gen).to(device=device, dtype=x.dtype)
 
         def call() -> torch.Tensor:
             if case.impl == "fast":
@@ -72,17 +102,7 @@ class FPASuite(Suite):
                 layer.out.bias,
             )
 
-        def run() -> object:
-            if not backward:
-                with torch.no_grad():
-                    return call()
-            x.grad = None
-            for p in params:
-                p.grad = None
-            call().backward(grad)
-            return None
-
-        return run
+        return forward_or_backward(call, x, list(layer.parameters()), grad, case.op == "forward+backward")
 
     def estimate_bytes(self, case: Case) -> float:
         s = case.sizes

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import DTYPES, PAPER, Case, Runner, Series, Suite, default_dtypes, itemsize
-from cscpa_layers import ForegroundPrototypeAttention
+from benchmarks.harness import PAPER, Case, Runner, Series, Suite, default_dtypes, itemsize
+from benchmarks.suites.fpa import forward_or_backward, fpa_layer_and_input
 
 FULL = [{"B": 2, "C": 512, "H": s, "W": s} for s in (64, 96, 129)]  # B = 2 keeps exact FPA at 129² to ~1 min on CPU
 FULL_CUDA = [{"B": 8, "C": 512, "H": s, "W": s} for s in (64, 96, 129)]
@@ -43,25 +43,9 @@ class FPAKVStrideSuite(Suite):
                 for dtype in default_dtypes(device, mode)]
 
     def build(self, case: Case, device: torch.device) -> Runner:
-        s = case.sizes
-        dtype = DTYPES[case.dtype]
-        gen = torch.Generator().manual_seed(0)
-        torch.manual_seed(0)
-        stride = STRIDE if case.impl == "pooled" else 1
-        layer = ForegroundPrototypeAttention(s["C"], kv_stride=stride).to(device=device, dtype=dtype).train()
-        x = torch.randn(s["B"], s["C"], s["H"], s["W"], generator=gen).to(device=device, dtype=dtype)
-        grad = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
-        params = list(layer.parameters())
-        x.requires_grad_(True)
-
-        def run() -> object:
-            x.grad = None
-            for p in params:
-                p.grad = None
-            layer(x).backward(grad)
-            return None
-
-        return run
+        layer, x, gen = fpa_layer_and_input(case, device, kv_stride=STRIDE if case.impl == "pooled" else 1)
+        grad = torch.randn(x.shape, generator=gen).to(device=device, dtype=x.dtype)
+        return forward_or_backward(lambda: layer(x), x, list(layer.parameters()), grad, backward=True)
 
     def estimate_bytes(self, case: Case) -> float:
         s = case.sizes

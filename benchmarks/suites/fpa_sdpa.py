@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import DTYPES, PAPER, Case, Runner, Series, Suite, default_dtypes, itemsize
-from cscpa_layers import ForegroundPrototypeAttention
+from benchmarks.harness import PAPER, Case, Runner, Series, Suite, default_dtypes, itemsize
+from benchmarks.suites.fpa import forward_or_backward, fpa_layer_and_input
 from cscpa_layers._prototype_tokens import prototype_tokens
 
 # Ascending cost; the paper's batch at the target's N = 64², then B = 2 up to 129² (at B = 8 one
@@ -54,46 +54,19 @@ class FPAvsSDPASuite(Suite):
 
     def build(self, case: Case, device: torch.device) -> Runner:
         s = case.sizes
-        dtype = DTYPES[case.dtype]
-        gen = torch.Generator().manual_seed(0)
-        torch.manual_seed(0)
-        layer = ForegroundPrototypeAttention(s["C"]).to(device=device, dtype=dtype).train()
-        x = torch.randn(s["B"], s["C"], s["H"], s["W"], generator=gen).to(device=device, dtype=dtype)
+        layer, x, gen = fpa_layer_and_input(case, device)
         backward = case.op == "forward+backward"
         if case.impl == "fpa":
-            grad = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
-            params = list(layer.parameters())
-            x.requires_grad_(backward)
-
-            def run_fpa() -> object:
-                if not backward:
-                    with torch.no_grad():
-                        return layer(x)
-                x.grad = None
-                for p in params:
-                    p.grad = None
-                layer(x).backward(grad)
-                return None
-
-            return run_fpa
+            grad = torch.randn(x.shape, generator=gen).to(device=device, dtype=x.dtype)
+            return forward_or_backward(lambda: layer(x), x, list(layer.parameters()), grad, backward)
         with torch.no_grad():  # the very q, k, v FPA's attention call sees (halves paired by a roll)
             query, value = prototype_tokens(
                 x.flatten(2), layer.key.weight, layer.key.bias, layer.value.weight, layer.value.bias, layer.eps
             )
             key = query.roll(s["B"] // 2, dims=0)
         q, k, v = (t.unsqueeze(1).contiguous().requires_grad_(backward) for t in (query, key, value))
-        grad_out = torch.randn(q.shape, generator=gen).to(device=device, dtype=dtype)
-
-        def run_sdpa() -> object:
-            if not backward:
-                with torch.no_grad():
-                    return F.scaled_dot_product_attention(q, k, v)
-            for t in (q, k, v):
-                t.grad = None
-            F.scaled_dot_product_attention(q, k, v).backward(grad_out)
-            return None
-
-        return run_sdpa
+        grad_out = torch.randn(q.shape, generator=gen).to(device=device, dtype=x.dtype)
+        return forward_or_backward(lambda: F.scaled_dot_product_attention(q, k, v), q, [k, v], grad_out, backward)
 
     def estimate_bytes(self, case: Case) -> float:
         s = case.sizes
