@@ -118,16 +118,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         section.update(git_sha=meta["git_sha"], created=meta["created"], seconds=round(time.perf_counter() - suite_start, 1))
         data["suites"][name] = section
         print(f"[{name}] done in {section['seconds']:.0f} s", flush=True)
+        # written after every suite, so that an interrupted run keeps the suites it finished
+        _write_results(path, data, start, device)
+    print(f"benchmarks: wrote {path} after {data['seconds']:.0f} s", flush=True)
+    if not args.no_docs and mode != "smoke":
+        write_docs(args)
+    return data
+
+
+def _write_results(path: Path, data: dict[str, Any], start: float, device: torch.device) -> None:
     data["suites"] = {k: data["suites"][k] for k in suites.NAMES if k in data["suites"]}  # stable order
     data["seconds"] = round(time.perf_counter() - start, 1)
     data["meta"]["loadavg_at_end"] = harness.load_average()
     data["meta"]["cpu_busy_at_end"] = harness.cpu_busy_fraction() if device.type == "cpu" else None
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"benchmarks: wrote {path} after {data['seconds']:.0f} s", flush=True)
-    if not args.no_docs and mode != "smoke":
-        write_docs(args)
-    return data
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=1) + "\n")
+    temporary.replace(path)  # atomic: a reader never sees half a file
 
 
 def write_docs(args: argparse.Namespace) -> None:

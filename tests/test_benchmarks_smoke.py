@@ -236,3 +236,21 @@ def test_the_overhead_target_is_judged_at_the_iteration_suites_cpu_config() -> N
     overhead = next(t for t in report.TARGETS if t.suite == "iteration")
     assert overhead.sizes == tuple(CPU_CONFIG.items())
     assert f"crop {CPU_CONFIG['crop']}" in overhead.text and f"ResNet-{CPU_CONFIG['resnet']}" in overhead.text
+
+
+def test_an_interrupted_run_keeps_the_suites_it_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    finished: list[str] = []
+
+    def run_or_stop(suite: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if finished:  # the second suite is "interrupted"
+            raise KeyboardInterrupt
+        finished.append(suite.name)
+        return {"impls": list(suite.impls), "results": []}
+
+    monkeypatch.setattr(run, "run_suite", run_or_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run.main(["--device", "cpu", "--smoke", "--no-memory", "--results-dir", str(tmp_path), "--no-docs",
+                  "--suite", "masking", "pal"])
+    written = json.loads(next(tmp_path.glob("cpu-*-smoke.json")).read_text())
+    assert finished == ["masking"] and list(written["suites"]) == ["masking"]
+    assert not list(tmp_path.glob("*.tmp"))
