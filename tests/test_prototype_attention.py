@@ -483,3 +483,14 @@ def test_kv_stride_of_a_map_pooled_to_one_token_is_the_mean_value() -> None:
     x = torch.randn(2, 4, 3, 5, dtype=torch.float64)
     update = layer(x) - x
     torch.testing.assert_close(update, update[:, :, :1, :1].expand_as(update))
+
+
+def test_half_precision_tokens_survive_features_whose_squares_overflow() -> None:
+    # float16 squares overflow above 256; the per-pixel norm must not (it once was (x * x).sum)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 8, 12, generator=gen) * 600.0  # |x_n| up to ~1700
+    weight, bias = torch.randn(4, 8, generator=gen), torch.zeros(4)
+    half = prototype_tokens(x.half(), weight.half(), bias.half())
+    full = prototype_tokens(x, weight, bias)
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), full, atol=2e-2, rtol=2e-2)
