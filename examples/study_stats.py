@@ -13,7 +13,7 @@ import numpy as np
 
 from examples.study_units import METHODS, NAMES, Unit
 
-__all__ = ["bootstrap_ci", "read_scores", "summarise", "table", "wilcoxon_p"]
+__all__ = ["bootstrap_ci", "paired_stats", "read_scores", "summarise", "table", "wilcoxon_p"]
 
 
 def read_scores(path: Path) -> dict[str, tuple[float, float]]:
@@ -80,20 +80,24 @@ def summarise(out: Path, units: list[Unit], resamples: int) -> dict[str, Any]:
             iou_diffs.append(b[image][1] - a[image][1])
             image_rows.append({"fold": fold, "id": image, "suponly_dice": a[image][0], "cscpa_dice": b[image][0],
                               "suponly_iou": a[image][1], "cscpa_iou": b[image][1]})
-    d = np.array(diffs)
-    low, high = bootstrap_ci(d, resamples)
-    paired = {
-        "folds": paired_folds,
-        "images": int(d.size),
-        "mean_diff_dice": float(d.mean()) if d.size else float("nan"),
-        "mean_diff_iou": float(np.mean(iou_diffs)) if iou_diffs else float("nan"),
-        "ci95": [low, high],
-        "wilcoxon_p": wilcoxon_p(d),
-        "better": int((d > 0).sum()),
-        "worse": int((d < 0).sum()),
-        "tied": int((d == 0).sum()),
-    }
+    paired = {"folds": paired_folds, **paired_stats(np.array(diffs), np.array(iou_diffs), resamples)}
     return {"folds": folds, "methods": methods, "paired": paired, "per_image": image_rows}
+
+
+def paired_stats(dice_diffs: np.ndarray, iou_diffs: np.ndarray, resamples: int) -> dict[str, Any]:
+    """Per-image differences (candidate − baseline) summarised: the mean Dice and IoU gains, the
+    95% bootstrap interval of the Dice gain, the Wilcoxon p-value and the better/worse/tied counts."""
+    low, high = bootstrap_ci(dice_diffs, resamples)
+    return {
+        "images": int(dice_diffs.size),
+        "mean_diff_dice": float(dice_diffs.mean()) if dice_diffs.size else float("nan"),
+        "mean_diff_iou": float(iou_diffs.mean()) if iou_diffs.size else float("nan"),
+        "ci95": [low, high],
+        "wilcoxon_p": wilcoxon_p(dice_diffs),
+        "better": int((dice_diffs > 0).sum()),
+        "worse": int((dice_diffs < 0).sum()),
+        "tied": int((dice_diffs == 0).sum()),
+    }
 
 
 def table(summary: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from examples.study_stats import bootstrap_ci, read_scores, wilcoxon_p
+from examples.study_stats import paired_stats, read_scores
 
 __all__ = ["table2", "table2_markdown"]
 
@@ -53,11 +53,10 @@ def table2(rows: Sequence[tuple[str, Path]], resamples: int = 10_000) -> dict[st
     """
     if not rows:
         raise ValueError("table2 needs at least one row (the baseline)")
-    base_label, base_folder = rows[0]
-    _, base_scores = _unit(Path(base_folder))
+    units = [(label, folder, *_unit(Path(folder))) for label, folder in rows]
+    base_label, base_folder, _, base_scores = units[0]
     out: list[dict[str, Any]] = []
-    for index, (label, folder) in enumerate(rows):
-        results, scores = _unit(Path(folder))
+    for index, (label, folder, results, scores) in enumerate(units):
         row: dict[str, Any] = {
             "label": label, "unit": str(folder), "dice": results["test"]["dice"], "iou": results["test"]["iou"],
             "best_val_dice": results.get("best_val_dice"), "selected_epoch": results.get("selected_epoch"),
@@ -69,11 +68,7 @@ def table2(rows: Sequence[tuple[str, Path]], resamples: int = 10_000) -> dict[st
                 raise ValueError(f"{folder} and the baseline {base_folder} share no test image")
             dice = np.array([scores[k][0] - base_scores[k][0] for k in shared])
             iou = np.array([scores[k][1] - base_scores[k][1] for k in shared])
-            row["paired"] = {
-                "images": len(shared), "mean_diff_dice": float(dice.mean()), "ci95": list(bootstrap_ci(dice, resamples)),
-                "mean_diff_iou": float(iou.mean()), "wilcoxon_p": wilcoxon_p(dice),
-                "better": int((dice > 0).sum()), "worse": int((dice < 0).sum()), "tied": int((dice == 0).sum()),
-            }
+            row["paired"] = paired_stats(dice, iou, resamples)
         out.append(row)
     return {"baseline": base_label, "rows": out}
 
