@@ -43,12 +43,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="phantom: image side (default %(default)s)")
     parser.add_argument("--phantom-seed", type=int, default=DataOptions.phantom_seed,
                         help="phantom: generator seed (default %(default)s)")
+    parser.add_argument("--no-lesion-free", dest="lesion_free", action="store_false",
+                        help="phantom: leave out the lesion-free images (default: kept)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
     try:
         dataset = build_dataset(args.data, include_normal=args.include_normal, phantom_count=args.count,
-                                phantom_size=args.phantom_size, phantom_seed=args.phantom_seed)
+                                phantom_size=args.phantom_size, phantom_seed=args.phantom_seed,
+                                phantom_lesion_free=args.lesion_free)
         progress: Callable[[Iterable[int]], Iterable[int]] | None = None
         if not args.quiet:
             from tqdm import tqdm
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if args.data == "phantom":
-        splits["data"] = {"name": "phantom", "count": args.count, "size": args.phantom_size, "seed": args.phantom_seed}
+        splits["data"] = {"name": "phantom", "count": args.count, "size": args.phantom_size, "seed": args.phantom_seed,
+                          "lesion_free": args.lesion_free}
     else:
         splits["data"] = {"name": Path(args.data).resolve().name, "include_normal": args.include_normal}
     write_splits(splits, args.out)

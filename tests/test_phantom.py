@@ -62,6 +62,24 @@ def test_lesion_counts_cover_zero_to_three_and_match_the_mask() -> None:
         assert bool(rendered.mask.any()) == (counts[i] > 0)
 
 
+def test_lesion_free_false_leaves_out_exactly_the_empty_images() -> None:
+    full = PhantomDataset(60, size=64)
+    lesions = PhantomDataset(60, size=64, lesion_free=False)
+    empty = {full.ids[i] for i in range(len(full)) if full.num_lesions(i) == 0}
+    assert empty and lesions.ids == [i for i in full.ids if i not in empty]
+    assert "lesions=0" not in lesions.labels and len(lesions) < len(full)
+    for i in (0, len(lesions) - 1):  # the same image under the same id, and it has a lesion
+        same = full.ids.index(lesions.ids[i])
+        assert torch.equal(lesions.load(i).image, full.load(same).image)
+        assert lesions.num_lesions(i) == full.num_lesions(same) > 0 and bool(lesions.load(i).mask.any())
+    assert lesions.subset(lesions.ids[:2]).ids == lesions.ids[:2]
+    assert "lesion-free left out" in repr(lesions) and "lesion-free" not in repr(full)
+    assert build_dataset("phantom", phantom_count=60, phantom_size=64, phantom_lesion_free=False).ids == lesions.ids
+    seed = next(s for s in range(100) if count_lesions(phantom_seed(s, 0), size=64) == 0)
+    with pytest.raises(ValueError, match="none of the phantom's 1 images has a lesion"):
+        PhantomDataset(1, size=64, seed=seed, lesion_free=False)
+
+
 def _components(mask: np.ndarray) -> int:
     """4-connected components of a small bool mask (flood fill)."""
     seen = np.zeros_like(mask)

@@ -145,3 +145,17 @@ def test_from_checkpoint_rebuilds_the_network_of_a_trainer_checkpoint(tmp_path: 
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, model.eval()(x).logits)
     assert saved.fpa_eval == "identity" and not saved.pretrained
+
+
+def test_the_trainers_no_phantom_lesion_free_reaches_the_split_and_the_dataset(tmp_path: Path) -> None:
+    from examples.data.folds import fold_data, open_dataset, split_file
+    from examples.engine.config import TrainConfig
+
+    config = TrainConfig(phantom_images=60, phantom_lesion_free=False, out=str(tmp_path), crop=32)
+    dataset = open_dataset(config)
+    assert "lesions=0" not in dataset.labels and len(dataset) < 60
+    path = split_file(config, main=True)  # made by make_splits, as the trainer does
+    assert json.loads(path.read_text())["data"]["lesion_free"] is False
+    parts = fold_data(dataset, path, config)
+    seen = [i for part in parts for i in part.ids]
+    assert sorted(seen) == sorted(dataset.ids)  # every kept image in one part, no lesion-free one anywhere

@@ -250,6 +250,17 @@ def test_cli_phantom(tmp_path: Path) -> None:
     assert set(splits["labels"]) <= {"lesions=0", "lesions=1", "lesions=2", "lesions=3"}
 
 
+def test_cli_phantom_without_lesion_free_images(tmp_path: Path) -> None:
+    result = _cli("phantom", "--count", "40", "--phantom-size", "64", "--no-lesion-free", "--out",
+                  str(tmp_path / "p.json"))
+    assert result.returncode == 0, result.stderr
+    splits = json.loads((tmp_path / "p.json").read_text())
+    kept = build_dataset("phantom", phantom_count=40, phantom_size=64, phantom_lesion_free=False).ids
+    assert splits["data"]["lesion_free"] is False and splits["num_images"] == len(kept) < 40
+    validate_splits(splits, kept)
+    assert "lesions=0" not in splits["labels"]
+
+
 def test_cli_names_the_bad_folder(tmp_path: Path) -> None:
     result = _cli(str(tmp_path), "--out", str(tmp_path / "x.json"))
     assert result.returncode == 1

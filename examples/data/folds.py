@@ -32,7 +32,7 @@ def open_dataset(config: TrainConfig, *, verify: bool = False) -> SegmentationDa
     try:
         # The phantom's content is fixed (seed 0); --seed changes the training, not the data.
         return build_dataset(config.data, include_normal=config.include_normal, phantom_count=config.phantom_images,
-                             verify=verify)
+                             phantom_lesion_free=config.phantom_lesion_free, verify=verify)
     except (DataError, FileNotFoundError) as error:
         raise SystemExit(f"--data {config.data!r}: {error}") from error
 
@@ -52,6 +52,7 @@ def split_file(config: TrainConfig, main: bool) -> Path:
         command = [config.data, "--out", str(path), "--folds", "5", "--seed", str(config.seed), "--quiet"]
         command += ["--count", str(config.phantom_images)] if config.data == "phantom" else []
         command += ["--include-normal"] if config.include_normal else []
+        command += ["--no-lesion-free"] if config.data == "phantom" and not config.phantom_lesion_free else []
         if make_splits(command) != 0:
             raise SystemExit(f"could not write a split file for --data {config.data!r} (see the error above)")
     if dist.is_initialized():

@@ -27,6 +27,10 @@ class PhantomDataset(SegmentationDataset):
         num_images: number of images.
         size: image side in pixels.
         seed: phantom seed; different seeds give unrelated images.
+        lesion_free: keep the images without a lesion (about one in five, the phantom's
+            "normal" class); False leaves them out, as BUSI runs leave out ``normal/``. Ids
+            keep their index among all ``num_images``, so ``phantom/000003`` is the same image
+            either way.
         transform: applied to each :class:`RawSample`; default :class:`NormalizeTransform`.
 
     Example:
@@ -36,16 +40,21 @@ class PhantomDataset(SegmentationDataset):
         ('phantom/000000', (3, 64, 64), (64, 64))
     """
 
-    def __init__(self, num_images: int, *, size: int = PHANTOM_SIZE, seed: int = 0, transform: Transform | None = None) -> None:
+    def __init__(self, num_images: int, *, size: int = PHANTOM_SIZE, seed: int = 0, lesion_free: bool = True,
+                 transform: Transform | None = None) -> None:
         super().__init__(NormalizeTransform() if transform is None else transform)
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a positive int, got {num_images!r}")
         if isinstance(size, bool) or not isinstance(size, int) or size < 32:
             raise ValueError(f"size must be an int >= 32, got {size!r}")
-        self.num_images, self.size, self.seed = num_images, size, seed
-        self.items = list(range(num_images))
-        self.ids = [f"phantom/{i:06d}" for i in range(num_images)]
-        self.labels = [f"lesions={self.num_lesions(i)}" for i in range(num_images)]
+        self.num_images, self.size, self.seed, self.lesion_free = num_images, size, seed, lesion_free
+        counts = [count_lesions(phantom_seed(seed, i), size=size) for i in range(num_images)]
+        self.items = [i for i in range(num_images) if lesion_free or counts[i] > 0]
+        if not self.items:
+            raise ValueError(f"none of the phantom's {num_images} images has a lesion, and lesion_free=False "
+                             "leaves the lesion-free ones out: ask for more images")
+        self.ids = [f"phantom/{i:06d}" for i in self.items]
+        self.labels = [f"lesions={counts[i]}" for i in self.items]
 
     def render(self, index: int, *, speckle: bool = True) -> PhantomImage:
         """The full :class:`PhantomImage` of item ``index`` of this (sub)set."""
@@ -64,4 +73,5 @@ class PhantomDataset(SegmentationDataset):
         return RawSample(tv_tensors.Image(torch.from_numpy(image)), tv_tensors.Mask(torch.from_numpy(mask)), item_id)
 
     def __repr__(self) -> str:
-        return f"PhantomDataset({self.num_images} images, size={self.size}, seed={self.seed})"
+        kept = "" if self.lesion_free else f", lesion-free left out: {len(self.items)} kept"
+        return f"PhantomDataset({self.num_images} images, size={self.size}, seed={self.seed}{kept})"

@@ -35,6 +35,8 @@ class DataOptions:
         include_normal: BUSI only, also load ``normal/``.
         verify, skip_bad: decode every file up front; leave bad ones out with a warning.
         phantom_count, phantom_size, phantom_seed: the phantom's number of images, side, seed.
+        phantom_lesion_free: the phantom keeps its lesion-free images (False: left out, as
+            ``include_normal=False`` leaves out BUSI's ``normal/``).
     """
 
     transform: Transform | None = None
@@ -44,6 +46,7 @@ class DataOptions:
     phantom_count: int = PHANTOM_COUNT
     phantom_size: int = PHANTOM_SIZE
     phantom_seed: int = 0
+    phantom_lesion_free: bool = True
 
 
 DatasetBuilder = Callable[[DataOptions], SegmentationDataset]
@@ -53,7 +56,7 @@ def _phantom(options: DataOptions) -> SegmentationDataset:
     from examples.data.phantom_dataset import PhantomDataset  # numpy rendering, only when asked for
 
     return PhantomDataset(options.phantom_count, size=options.phantom_size, seed=options.phantom_seed,
-                          transform=options.transform)
+                          lesion_free=options.phantom_lesion_free, transform=options.transform)
 
 
 # name -> builder; "phantom" is built in, register_dataset adds to it
@@ -79,13 +82,15 @@ def register_dataset(name: str, builder: DatasetBuilder, *, replace: bool = Fals
 def build_dataset(spec: str | Path, *, transform: Transform | None = None, include_normal: bool = False,
                   verify: bool = False, skip_bad: bool = False, phantom_count: int = DataOptions.phantom_count,
                   phantom_size: int = DataOptions.phantom_size,
-                  phantom_seed: int = DataOptions.phantom_seed) -> SegmentationDataset:
+                  phantom_seed: int = DataOptions.phantom_seed,
+                  phantom_lesion_free: bool = DataOptions.phantom_lesion_free) -> SegmentationDataset:
     """A dataset from a registered name (``phantom`` is built in) or a folder path (BUSI or
     images/ + masks/, detected).
 
     Args:
         spec: a name in :data:`DATASETS`, or a data directory.
-        transform, include_normal, verify, skip_bad, phantom_count, phantom_size, phantom_seed:
+        transform, include_normal, verify, skip_bad, phantom_count, phantom_size, phantom_seed,
+        phantom_lesion_free:
             see :class:`DataOptions`.
 
     Raises:
@@ -98,7 +103,8 @@ def build_dataset(spec: str | Path, *, transform: Transform | None = None, inclu
         >>> ds.ids[0], tuple(ds[0].image.shape), ds[0].mask.dtype
         ('phantom/000000', (3, 64, 64), torch.int64)
     """
-    options = DataOptions(transform, include_normal, verify, skip_bad, phantom_count, phantom_size, phantom_seed)
+    options = DataOptions(transform, include_normal, verify, skip_bad, phantom_count, phantom_size, phantom_seed,
+                          phantom_lesion_free)
     builder = DATASETS.get(str(spec))
     if builder is not None:
         dataset = builder(options)

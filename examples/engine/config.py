@@ -75,6 +75,9 @@ class TrainConfig:
                     "registered with examples.data.registry.register_dataset, or 'phantom' for the built-in synthetic "
                     "phantom (default %(default)s)", group="data")
     phantom_images: int = cli(PHANTOM_COUNT, "phantom: number of images (default %(default)s)", group="data")
+    phantom_lesion_free: bool = cli(True, "phantom: leave out its lesion-free images (about one in five), as BUSI "
+                                    "runs leave out normal/", group="data", flag="--no-phantom-lesion-free",
+                                    action="invert")
     include_normal: bool = cli(False, "BUSI: also use normal/ (the paper uses abnormal images only)", group="data",
                                action="store_true")
     split: str | None = cli(None, "split file from python -m examples.make_splits (default: made once in "
