@@ -18,6 +18,7 @@ from cscpa_layers._checks import (
     check_same_device,
     check_shape,
 )
+from cscpa_layers._norms import clamped_channel_norm
 from cscpa_layers.edge_container import AdaptiveEdgeContainer
 
 __all__ = ["EdgePrototypeAttention", "edge_prototype_attention"]
@@ -104,7 +105,7 @@ def edge_prototype_attention(
     proto = prototype.to(x.dtype)  # (C,)
     # cos(P_e, F_p) = <P_e, F_p> / (|P_e| |F_p|), without a normalised copy of F.
     dots = torch.matmul(proto, feats)  # (B, N)
-    norms = feats.norm(dim=1).clamp_min(eps) * proto.norm().clamp_min(eps)  # (B, N)
+    norms = clamped_channel_norm(feats, eps) * proto.norm().clamp_min(eps)  # (B, N)
     logits = dots / norms / temperature  # (B, N)
     weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # Eq. 9
     if rescale:

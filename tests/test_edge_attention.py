@@ -274,6 +274,34 @@ def test_two_pixels_by_hand() -> None:
         torch.testing.assert_close(out[0, :, 0], x[0, :, 0] + f_e)
 
 
+def test_an_all_zero_pixel_has_a_finite_gradient_equal_to_the_dense_one() -> None:
+    # The per-pixel norm is a sum of squares under a square root (fast on CPU); at a zero pixel
+    # an unguarded sqrt would give 0 * inf = NaN in backward where x.norm() gives 0.
+    x = torch.randn(2, 6, 3, 4, dtype=torch.float64)
+    x[0, :, 1, 2] = 0.0
+    x[1, :, 0, 0] = 1e-9  # below eps = 1e-6: clamped, so no gradient through the norm
+    prototype = torch.randn(6, dtype=torch.float64)
+    grads = []
+    for op in (edge_prototype_attention, edge_prototype_attention_dense):
+        xi, pi = x.clone().requires_grad_(), prototype.clone().requires_grad_()
+        out = op(xi, pi)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append((out.detach(), xi.grad, pi.grad))
+    for got, want in zip(*grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, **TOL64)
+
+
+def test_float16_features_beyond_256_give_the_float32_answer() -> None:
+    # squares of float16 values above 256 overflow; the float16 norm accumulates in float32
+    x = torch.randn(2, 16, 5, 5) * 400
+    prototype = torch.randn(16)
+    want = edge_prototype_attention(x, prototype, residual=False)
+    got = edge_prototype_attention(x.half(), prototype.half(), residual=False)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
 def test_temperature_sharpens() -> None:
     x = torch.tensor([[[[2.0, 0.0]], [[0.0, 3.0]]]])
     prototype = torch.tensor([1.0, 0.0])
