@@ -70,6 +70,17 @@ TARGETS = [
 ]
 
 
+# How firm the iteration verdict is on the shared 2-core CPU (measured, two full runs of one day)
+ITERATION_NOTE = [
+    "How firm the iteration verdict is: it compares two medians of the same run, and on this",
+    "shared 2-core machine the plain iteration at the CPU config (a code path no CSC-PA change",
+    "touches) measured 0.947 s in the full run of 2026-12-01 16:48 and 1.03 s in the iteration run",
+    "of 19:23, with CSC-PA's at 1.314 s and 1.33 s: overhead 1.39× (missed) and 1.29× (met) against",
+    "the 1.37× target. The verdict moved with the baseline, not with the code; treat a margin of",
+    "a few percent either way as a tie.",
+]
+
+
 # What bounds the FPA-against-SDPA target (method.md §1: d = C / 2; benchmarks/suites/fpa_sdpa.py)
 FPA_FLOOR_NOTE = [
     "What bounds FPA against bare SDPA: around the attention's 14·N²·d FLOPs per image (forward",
@@ -424,7 +435,7 @@ def render(results_dir: Path, *, smoke: bool = False) -> str:
             else:
                 detail = evaluation.get("reason", "")
             lines.append(f"| {target.text} | **{evaluation['verdict']}** | {detail} |")
-        lines += ["", *FPA_FLOOR_NOTE, ""]
+        lines += ["", *FPA_FLOOR_NOTE, "", *(ITERATION_NOTE + [""] if device == "cpu" else [])]
         for name, section in data["suites"].items():
             lines += suite_table(name, section, device)
     return "\n".join(lines).rstrip() + "\n"
