@@ -76,6 +76,8 @@ def test_lesion_free_false_leaves_out_exactly_the_empty_images() -> None:
     assert "lesion-free left out" in repr(lesions) and "lesion-free" not in repr(full)
     assert build_dataset("phantom", phantom_count=60, phantom_size=64, phantom_lesion_free=False).ids == lesions.ids
     seed = next(s for s in range(100) if count_lesions(phantom_seed(s, 0), size=64) == 0)
+    with pytest.raises(TypeError, match="lesion_free must be a bool, got str"):
+        PhantomDataset(4, size=64, lesion_free="no")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="none of the phantom's 1 images has a lesion"):
         PhantomDataset(1, size=64, seed=seed, lesion_free=False)
 

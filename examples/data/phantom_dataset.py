@@ -47,6 +47,8 @@ class PhantomDataset(SegmentationDataset):
             raise ValueError(f"num_images must be a positive int, got {num_images!r}")
         if isinstance(size, bool) or not isinstance(size, int) or size < 32:
             raise ValueError(f"size must be an int >= 32, got {size!r}")
+        if not isinstance(lesion_free, bool):
+            raise TypeError(f"lesion_free must be a bool, got {type(lesion_free).__name__}")
         self.num_images, self.size, self.seed, self.lesion_free = num_images, size, seed, lesion_free
         counts = [count_lesions(phantom_seed(seed, i), size=size) for i in range(num_images)]
         self.items = [i for i in range(num_images) if lesion_free or counts[i] > 0]
