@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +23,13 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     out = tmp_path_factory.mktemp("study")
     argv = ["--data", "phantom", "--folds", "0,1", "--out", str(out), "--json", str(out / "copy.json"),
             "--bootstrap", "500", *TINY]
     assert study.main(argv) == 0
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)  # ~800 MB of checkpoints; CI's disk is not ours alone
 
 
 @pytest.mark.slow

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +38,11 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def both_methods(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def both_methods(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     out = tmp_path_factory.mktemp("both")
     assert train_busi.main([*TINY, "--method", "both", "--out", str(out)]) == 0
-    return out
+    yield out
+    shutil.rmtree(out, ignore_errors=True)  # ~400 MB of checkpoints; CI's disk is not ours alone
 
 
 def test_both_methods_train_and_write_results(both_methods: Path) -> None:
@@ -129,10 +132,11 @@ RESUME = [*TINY, "--method", "cscpa", "--epochs", "3", "--iters-per-epoch", "3",
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     out = tmp_path_factory.mktemp("whole")
     assert train_busi.main([*RESUME, "--out", str(out)]) == 0
-    return out / "cscpa" / "fold0" / "last.pt"
+    yield out / "cscpa" / "fold0" / "last.pt"
+    shutil.rmtree(out, ignore_errors=True)
 
 
 @pytest.mark.slow
