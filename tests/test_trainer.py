@@ -414,3 +414,46 @@ def test_every_run_writes_metrics_csv_and_curves_png(both_methods: Path) -> None
     # CSC-PA's stage-2 epoch logs the pseudo-label terms
     cscpa = json.loads((both_methods / "cscpa" / "fold0" / "results.json").read_text())["history"]
     assert cscpa[-1]["mean_pseudo_valid"] > 0 and "mean_ce_unlabeled" in cscpa[-1]
+
+
+def test_ema_changes_what_is_scored_not_the_training(tmp_path: Path) -> None:
+    base = [*TINY, "--method", "cscpa", "--iters-per-epoch", "3", "--overlays", "0", "--precise-bn", "1"]
+    assert train_busi.main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert train_busi.main([*base, "--ema", "0.9", "--out", str(tmp_path / "ema")]) == 0
+    plain = torch.load(tmp_path / "plain" / "cscpa" / "fold0" / "last.pt", weights_only=False)
+    ema = torch.load(tmp_path / "ema" / "cscpa" / "fold0" / "last.pt", weights_only=False)
+    # The average never feeds back: the trained weights are the same to the bit...
+    assert plain["ema"] is None and ema["ema"]["updates"] == 6
+    for key, value in plain["model"].items():
+        assert torch.equal(ema["model"][key], value), key
+    # ... while validation scored the average, which is not the last step's weights.
+    average = ema["ema"]["average"]
+    assert any(not torch.equal(average[k], v) for k, v in ema["model"].items() if k.endswith(".weight"))
+    assert [r["val_dice"] for r in plain["history"]] != [r["val_dice"] for r in ema["history"]]
+    best = torch.load(tmp_path / "ema" / "cscpa" / "fold0" / "best.pt", weights_only=False)
+    # best.pt holds the average of its epoch: the last one's is in last.pt, the first one's is not
+    same = all(torch.equal(best["model"][k], v) for k, v in average.items())
+    assert same == (best["epoch"] == 2), best["epoch"]
+    with pytest.raises(SystemExit, match="it was made with ema=0.9, this run has ema=0.0"):
+        train_busi.main([*base, "--out", str(tmp_path / "ema"), "--resume"])
+
+
+@pytest.mark.slow
+def test_resume_with_ema_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    args = [*RESUME, "--ema", "0.9"]
+    assert train_busi.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    with pytest.raises(SystemExit, match="stopped by --stop-after at iteration 5"):
+        train_busi.main([*args, "--out", str(tmp_path / "cut"), "--stop-after", "5"])
+    assert train_busi.main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    a = torch.load(tmp_path / "whole" / "cscpa" / "fold0" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "cscpa" / "fold0" / "last.pt", weights_only=False)
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 9
+    for key, value in a["ema"]["average"].items():
+        assert torch.equal(b["ema"]["average"][key], value), key
+    assert a["history"] == b["history"]
+
+
+def test_ema_must_be_below_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--ema", "1"])
+    assert "--ema must be in [0, 1) (0: off), got 1.0" in capsys.readouterr().err

@@ -136,6 +136,9 @@ class TrainConfig:
     precise_bn: int = cli(0, "before each validation, recompute the BatchNorm running statistics over N training "
                           "batches (changes evaluation only, not training; 0: off, the usual running averages) "
                           "(default %(default)s)", group="model and schedule", metavar="N")
+    ema: float = cli(0.0, "validate, choose the checkpoint and test on an exponential moving average of the weights "
+                     "with this decay, e.g. 0.99 (training is unchanged; 0: off, the weights of the last step) "
+                     "(default %(default)s)", group="model and schedule", metavar="DECAY")
     seed: int = cli(0, "(default %(default)s)", group="running")
     device: str = cli("auto", "(default %(default)s)", group="running", choices=("auto", "cpu", "cuda"))
     amp: str = cli("none", "mixed precision (default %(default)s)", group="running", choices=("none", "bf16", "fp16"))

@@ -28,6 +28,7 @@ from examples.engine.checkpoint import StopRequest, rng_state, save_atomic, set_
 from examples.engine.config import TrainConfig
 from examples.engine.curves import write_history
 from examples.engine.distributed import Distributed, autocast_factory, git_sha
+from examples.engine.ema import WeightAverage
 from examples.engine.evaluate import Evaluation, evaluate
 from examples.engine.results import FoldResult, write_fold_results
 from examples.engine.step import NonFiniteLossError, Step, StepStats
@@ -68,6 +69,8 @@ class FoldTrainer:
         self.scaler = torch.amp.GradScaler(device.type) if config.amp == "fp16" else None
         self.autocast = autocast_factory(config.amp, device)
         self.container = edge_container(self.raw_model)
+        # --ema: validation, the checkpoint choice and the test use an average of the weights
+        self.ema = WeightAverage(self.raw_model, config.ema) if config.ema else None
         self.step = Step.from_config(config, self.model, self.optimizer, container=self.container,
                                      autocast=self.autocast, scaler=self.scaler)
         self.iteration = 0
@@ -103,6 +106,7 @@ class FoldTrainer:
             "epoch_totals": self.epoch_totals,
             "epoch_count": self.epoch_count,
             "pretrain_edges": self.step.state_dict().get("pretrain_edges", []),
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "rng": rng_state(),
             "git_sha": git_sha(),
         }
@@ -121,6 +125,9 @@ class FoldTrainer:
                     f"cannot resume from {path}: it was made with {key}={saved.get(key)!r}, this run has "
                     f"{key}={getattr(self.config, key)!r}; use the same settings or another --out"
                 )
+        if saved.get("ema", 0.0) != self.config.ema:  # checkpoints from before --ema have none
+            raise SystemExit(f"cannot resume from {path}: it was made with ema={saved.get('ema', 0.0)!r}, this run has "
+                             f"ema={self.config.ema!r}; use the same settings or another --out")
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -135,6 +142,8 @@ class FoldTrainer:
         self.epoch_totals, self.epoch_count = state.get("epoch_totals", {}), state.get("epoch_count", 0)
         self.git_shas = list(state.get("git_shas", []))
         self.step.load_state_dict(state, self.device)
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"])
 
     # -- training ------------------------------------------------------------------------------
@@ -187,6 +196,8 @@ class FoldTrainer:
                     for labeled, unlabeled in self._batches(epoch):
                         try:
                             self.last_stats = self._one_step(epoch, labeled, unlabeled)
+                            if self.ema is not None:
+                                self.ema.update()
                             for key, value in self.last_stats._asdict().items():
                                 self.epoch_totals[key] = self.epoch_totals.get(key, 0.0) + float(value)
                             self.epoch_count += 1
@@ -226,17 +237,26 @@ class FoldTrainer:
         container at the end of pre-training), BatchNorm re-estimation, validation, checkpoint."""
         cfg = self.config
         self.step.end_epoch(epoch)
+        if self.ema is not None:
+            self.ema.copy_buffers()  # the container may have been initialised just now
         if cfg.precise_bn:
-            self._reestimate_bn(epoch)
+            self._reestimate_bn(epoch, self.model)
+            if self.ema is not None:
+                self._reestimate_bn(epoch, self.ema.average)
         val = self._validate(epoch, stats, log)
         self.epochs_ended = epoch + 1
         self.save()
         return val
 
-    def _reestimate_bn(self, epoch: int) -> None:
+    @property
+    def eval_model(self) -> nn.Module:
+        """What validation and the test score: the weight average with --ema, else the network."""
+        return self.raw_model if self.ema is None else self.ema.average
+
+    def _reestimate_bn(self, epoch: int, model: nn.Module) -> None:
         """``precise_bn`` batches of the method's own stage-1 input, a function of the seed and
-        the epoch, through :func:`reestimate_bn`; every rank runs its share (SyncBatchNorm needs
-        all of them)."""
+        the epoch, through :func:`reestimate_bn` on ``model``; every rank runs its share
+        (SyncBatchNorm needs all of them). The weight average gets the same batches."""
         cfg = self.config
         rank, world = self.dist.rank, self.dist.world
 
@@ -249,13 +269,13 @@ class FoldTrainer:
         unlabeled = stream(self.data.unlabeled, "unlabeled") if self.step.reads_unlabeled else itertools.repeat(None)
         inputs = (self.step.stage1_input(l.image, None if u is None else u.image).to(self.device, non_blocking=True)
                   for l, u in zip(labeled, unlabeled))
-        reestimate_bn(self.model, inputs, autocast=self.autocast)
+        reestimate_bn(model, inputs, autocast=self.autocast)
 
     def _validate(self, epoch: int, stats: StepStats | None, log: Callable[[str], None]) -> float:
         val_dice = float("nan")
         if self.dist.main:
             has_val = len(self.data.val) > 0  # without a val split (--select last) there is nothing to score
-            result = evaluate(self.raw_model, self.data.val, self.device, autocast=self.autocast) if has_val else None
+            result = evaluate(self.eval_model, self.data.val, self.device, autocast=self.autocast) if has_val else None
             val_dice = result.dice if result is not None else float("nan")
             record = {"epoch": epoch + 1, "iteration": self.iteration, "val_dice": val_dice,
                       "val_iou": result.iou if result is not None else float("nan")}
@@ -265,7 +285,7 @@ class FoldTrainer:
             self.history.append(record)
             if result is not None and result.dice > self.best_val:
                 self.best_val, self.best_epoch = result.dice, epoch + 1
-                save_atomic({"config": dataclasses.asdict(self.config), "model": self.raw_model.state_dict(), "epoch": epoch + 1, "val_dice": result.dice}, self.best_path)
+                save_atomic({"config": dataclasses.asdict(self.config), "model": self.eval_model.state_dict(), "epoch": epoch + 1, "val_dice": result.dice}, self.best_path)
             scored = f"val Dice {result.dice:.4f} IoU {result.iou:.4f}" if result is not None else "no val split"
             log(f"fold {self.config.fold} epoch {epoch + 1}/{self.config.epochs}: {scored}"
                 + (f", train loss {stats.loss:.4f}" if stats is not None else ""))
@@ -281,14 +301,15 @@ class FoldTrainer:
     def _finish(self, seconds: float, log: Callable[[str], None]) -> FoldResult:
         cfg = self.config
         selected = self.total_iters // self.iters_per_epoch
+        tested = self.eval_model
         if cfg.select == "best" and self.best_path.exists():
             best = torch.load(self.best_path, map_location=self.device, weights_only=False)
-            self.raw_model.load_state_dict(best["model"])
-            selected = best["epoch"]
+            self.raw_model.load_state_dict(best["model"])  # with --ema, best.pt holds the average
+            tested, selected = self.raw_model, best["epoch"]
         test = Evaluation([], float("nan"), float("nan"), float("nan"), float("nan"))
         if self.dist.main:
             test = evaluate(
-                self.raw_model, self.data.test, self.device, autocast=self.autocast,
+                tested, self.data.test, self.device, autocast=self.autocast,
                 overlays=cfg.overlays, overlay_dir=self.out_dir / "overlays",
             )
             result = FoldResult(cfg.method, cfg.fold, test, selected, self.best_val, self.history, seconds)
