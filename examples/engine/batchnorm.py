@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["reestimate_bn"]
+from examples.engine.streams import IndexStream, paired_batches
+
+__all__ = ["precise_bn_inputs", "reestimate_bn"]
+
+
+def precise_bn_inputs(labeled: Any, unlabeled: Any | None, stage1_input: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+                      *, seed: int, tag: str, count: int, batch: int, rank: int, world: int, workers: int,
+                      device: torch.device) -> Iterator[torch.Tensor]:
+    """``count`` network inputs for :func:`reestimate_bn`: batches of ``labeled`` (and of
+    ``unlabeled``, or None for a method that never reads it) drawn by streams that are a function
+    of ``seed`` and ``tag`` only, passed through the method's ``stage1_input``, on ``device``."""
+    labeled_stream = IndexStream(len(labeled), seed=seed, tag=f"{tag}-labeled")
+    unlabeled_stream = None if unlabeled is None else IndexStream(len(unlabeled), seed=seed, tag=f"{tag}-unlabeled")
+    batches = paired_batches(labeled, unlabeled, labeled_stream, unlabeled_stream, 0, count, batch, rank=rank,
+                             world=world, workers=workers)
+    return (stage1_input(l.image, None if u is None else u.image).to(device, non_blocking=True) for l, u in batches)
 
 
 @torch.no_grad()

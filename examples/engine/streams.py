@@ -86,3 +86,17 @@ def loader(dataset: Any, sampler: "StreamBatches", workers: int) -> DataLoader[A
     """The batches ``sampler`` draws from ``dataset``, each item seeded by its place in the stream."""
     return DataLoader(SeededItems(dataset), batch_sampler=sampler, collate_fn=collate_samples, num_workers=workers,
                       persistent_workers=False)
+
+
+def paired_batches(labeled: Any, unlabeled: Any | None, labeled_stream: IndexStream, unlabeled_stream: IndexStream | None,
+                   first: int, last: int, batch: int, *, rank: int, world: int, workers: int) -> Iterator[tuple[Any, Any]]:
+    """Steps [first, last) of ``labeled_stream`` over ``labeled``, each paired with the same step
+    of ``unlabeled_stream`` over ``unlabeled``, or with None when ``unlabeled`` is None (a method
+    that never reads the unlabeled images does not load them)."""
+    labeled_batches = loader(labeled, StreamBatches(labeled_stream, first, last, batch, rank=rank, world=world), workers)
+    if unlabeled is None or unlabeled_stream is None:
+        for item in labeled_batches:
+            yield item, None
+        return
+    unlabeled_batches = loader(unlabeled, StreamBatches(unlabeled_stream, first, last, batch, rank=rank, world=world), workers)
+    yield from zip(labeled_batches, unlabeled_batches)

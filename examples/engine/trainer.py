@@ -11,7 +11,6 @@ checkpoints with exact resumption, and the final test. The network is any module
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import sys
 import time
@@ -23,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from examples.data.folders import DataError
-from examples.engine.batchnorm import reestimate_bn
+from examples.engine.batchnorm import precise_bn_inputs, reestimate_bn
 from examples.engine.checkpoint import StopRequest, rng_state, save_atomic, set_rng_state
 from examples.engine.config import TrainConfig
 from examples.engine.curves import write_history
@@ -33,7 +32,7 @@ from examples.engine.evaluate import Evaluation, evaluate
 from examples.engine.results import FoldResult, write_fold_results
 from examples.engine.step import NonFiniteLossError, Step, StepStats
 from examples.engine.optim import sgd_poly
-from examples.engine.streams import IndexStream, StreamBatches, loader, mix_seed
+from examples.engine.streams import IndexStream, mix_seed, paired_batches
 from examples.models.protocol import edge_container
 
 __all__ = ["CHECKPOINT_VERSION", "FoldTrainer"]
@@ -41,7 +40,8 @@ __all__ = ["CHECKPOINT_VERSION", "FoldTrainer"]
 CHECKPOINT_VERSION = 1
 # Settings a --resume must share with the checkpoint it continues.
 RESUME_KEYS = ("method", "fpa", "epa", "backbone", "output_stride", "crop", "resize", "epochs", "pretrain_epochs",
-               "batch", "fold", "labeled", "seed")
+               "batch", "fold", "labeled", "seed", "ema")
+RESUME_ABSENT = {"ema": 0.0}  # the value of a key that checkpoints from before it was added lack
 
 
 class FoldTrainer:
@@ -120,14 +120,12 @@ class FoldTrainer:
         state = torch.load(path, map_location=self.device, weights_only=False)
         saved = state["config"]
         for key in RESUME_KEYS:
-            if saved.get(key) != getattr(self.config, key):
+            made = saved.get(key, RESUME_ABSENT.get(key))
+            if made != getattr(self.config, key):
                 raise SystemExit(
-                    f"cannot resume from {path}: it was made with {key}={saved.get(key)!r}, this run has "
+                    f"cannot resume from {path}: it was made with {key}={made!r}, this run has "
                     f"{key}={getattr(self.config, key)!r}; use the same settings or another --out"
                 )
-        if saved.get("ema", 0.0) != self.config.ema:  # checkpoints from before --ema have none
-            raise SystemExit(f"cannot resume from {path}: it was made with ema={saved.get('ema', 0.0)!r}, this run has "
-                             f"ema={self.config.ema!r}; use the same settings or another --out")
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -149,15 +147,10 @@ class FoldTrainer:
     # -- training ------------------------------------------------------------------------------
 
     def _batches(self, epoch: int) -> Iterator[tuple[Any, Any]]:
-        first, last = self.iteration, (epoch + 1) * self.iters_per_epoch
-        cfg, rank, world = self.config, self.dist.rank, self.dist.world
-        labeled = loader(self.data.labeled, StreamBatches(self.labeled_stream, first, last, cfg.batch, rank=rank, world=world), cfg.workers)
-        if not self.step.reads_unlabeled:
-            for batch in labeled:
-                yield batch, None
-            return
-        unlabeled = loader(self.data.unlabeled, StreamBatches(self.unlabeled_stream, first, last, cfg.batch, rank=rank, world=world), cfg.workers)
-        yield from zip(labeled, unlabeled)
+        cfg, reads = self.config, self.step.reads_unlabeled
+        return paired_batches(self.data.labeled, self.data.unlabeled if reads else None, self.labeled_stream,
+                              self.unlabeled_stream, self.iteration, (epoch + 1) * self.iters_per_epoch, cfg.batch,
+                              rank=self.dist.rank, world=self.dist.world, workers=cfg.workers)
 
     def _one_step(self, epoch: int, labeled: Any, unlabeled: Any) -> StepStats:
         cfg = self.config
@@ -239,10 +232,14 @@ class FoldTrainer:
         self.step.end_epoch(epoch)
         if self.ema is not None:
             self.ema.copy_buffers()  # the container may have been initialised just now
-        if cfg.precise_bn:
-            self._reestimate_bn(epoch, self.model)
-            if self.ema is not None:
-                self._reestimate_bn(epoch, self.ema.average)
+        # precise-BN: every rank runs its share (SyncBatchNorm needs all); the average gets the same batches
+        models = [self.model] if self.ema is None else [self.model, self.ema.average]
+        for model in models if cfg.precise_bn else []:
+            inputs = precise_bn_inputs(self.data.labeled, self.data.unlabeled if self.step.reads_unlabeled else None,
+                                       self.step.stage1_input, seed=cfg.seed, tag=f"precise-bn-{cfg.fold}-{epoch}",
+                                       count=cfg.precise_bn, batch=cfg.batch, rank=self.dist.rank,
+                                       world=self.dist.world, workers=cfg.workers, device=self.device)
+            reestimate_bn(model, inputs, autocast=self.autocast)
         val = self._validate(epoch, stats, log)
         self.epochs_ended = epoch + 1
         self.save()
@@ -252,24 +249,6 @@ class FoldTrainer:
     def eval_model(self) -> nn.Module:
         """What validation and the test score: the weight average with --ema, else the network."""
         return self.raw_model if self.ema is None else self.ema.average
-
-    def _reestimate_bn(self, epoch: int, model: nn.Module) -> None:
-        """``precise_bn`` batches of the method's own stage-1 input, a function of the seed and
-        the epoch, through :func:`reestimate_bn` on ``model``; every rank runs its share
-        (SyncBatchNorm needs all of them). The weight average gets the same batches."""
-        cfg = self.config
-        rank, world = self.dist.rank, self.dist.world
-
-        def stream(part: Any, name: str) -> Any:
-            index = IndexStream(len(part), seed=cfg.seed, tag=f"precise-bn-{cfg.fold}-{epoch}-{name}")
-            return loader(part, StreamBatches(index, 0, cfg.precise_bn, cfg.batch, rank=rank, world=world), cfg.workers)
-
-        labeled = stream(self.data.labeled, "labeled")
-        # SupOnly never reads unlabeled images: pair its batches with None instead of loading them.
-        unlabeled = stream(self.data.unlabeled, "unlabeled") if self.step.reads_unlabeled else itertools.repeat(None)
-        inputs = (self.step.stage1_input(l.image, None if u is None else u.image).to(self.device, non_blocking=True)
-                  for l, u in zip(labeled, unlabeled))
-        reestimate_bn(model, inputs, autocast=self.autocast)
 
     def _validate(self, epoch: int, stats: StepStats | None, log: Callable[[str], None]) -> float:
         val_dice = float("nan")
