@@ -38,38 +38,28 @@ class WeightAverage:
         self.updates = 0
         self.average = copy.deepcopy(model).eval()
         self.average.requires_grad_(False)
-        self._model = model
-
-    def _pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        params: list[torch.Tensor] = list(self._model.parameters())
-        averaged: list[torch.Tensor] = list(self.average.parameters())
-        buffers: list[torch.Tensor] = list(self._model.buffers())
-        copies: list[torch.Tensor] = list(self.average.buffers())
-        if len(params) != len(averaged) or len(buffers) != len(copies):
-            raise RuntimeError("the averaged copy no longer has the model's parameters and buffers")
-        return params, averaged, buffers, copies
+        # Module.load_state_dict copies in place, so these tensors stay the live ones for the run.
+        self._params, self._averaged = list(model.parameters()), list(self.average.parameters())
+        self._buffers, self._copies = list(model.buffers()), list(self.average.buffers())
 
     @torch.no_grad()
     def update(self) -> None:
         """Move the average one step towards the model's current weights."""
         d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        params, averaged, buffers, copies = self._pairs()
-        floats = [(a, p) for a, p in zip(averaged, params) if a.is_floating_point()]
+        floats = [(a, p) for a, p in zip(self._averaged, self._params) if a.is_floating_point()]
         if floats:
             torch._foreach_lerp_([a for a, _ in floats], [p.detach() for _, p in floats], 1.0 - d)
-        for a, p in zip(averaged, params):
+        for a, p in zip(self._averaged, self._params):
             if not a.is_floating_point():
                 a.copy_(p)
-        for c, b in zip(copies, buffers):
-            c.copy_(b)
+        self.copy_buffers()
         self.updates += 1
 
     @torch.no_grad()
     def copy_buffers(self) -> None:
-        """Copy the model's buffers into the average (after a change outside the steps, such
-        as the edge container's initialisation at the end of pre-training)."""
-        _, _, buffers, copies = self._pairs()
-        for c, b in zip(copies, buffers):
+        """Copy the model's buffers into the average (after every update, and after a change
+        outside the steps, such as the edge container's initialisation at the end of pre-training)."""
+        for c, b in zip(self._copies, self._buffers):
             c.copy_(b)
 
     def state_dict(self) -> dict[str, Any]:
