@@ -49,6 +49,22 @@ def test_deterministic_given_seed_and_index() -> None:
     assert len({phantom_seed(s, i) for s in range(20) for i in range(20)}) == 400
 
 
+def test_cached_items_equal_rendered_ones_and_cannot_be_altered_through_a_load() -> None:
+    cached, plain = PhantomDataset(5, size=64, seed=2), PhantomDataset(5, size=64, seed=2, cache=False)
+    first = cached.load(3)
+    assert cached._rendered is not None and list(cached._rendered) == [3]
+    assert plain._rendered is None
+    first.image.zero_()  # a transform working in place must not reach the cache
+    first.mask.fill_(1)
+    again, rendered = cached.load(3), plain.load(3)
+    assert torch.equal(again.image, rendered.image) and torch.equal(again.mask, rendered.mask)
+    assert again.image.any() and not again.mask.all()
+    part = cached.subset(["phantom/000001"])  # a subset fills and reads its parent's cache
+    assert torch.equal(part.load(0).image, plain.load(1).image) and sorted(cached._rendered) == [1, 3]
+    with pytest.raises(TypeError, match="cache must be a bool, got int"):
+        PhantomDataset(4, size=64, cache=1)  # type: ignore[arg-type]
+
+
 def test_lesion_counts_cover_zero_to_three_and_match_the_mask() -> None:
     ds = PhantomDataset(200, size=64)
     counts = [ds.num_lesions(i) for i in range(len(ds))]

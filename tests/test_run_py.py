@@ -30,7 +30,7 @@ def test_main_job_defaults_and_overrides() -> None:
     assert command[:2] == ["-m", "examples.train_busi"]
     args = parse_args(command[2:])
     assert (args.backbone, args.no_pretrained, args.epochs, args.data) == ("efficientnet_lite0", False, 2, "phantom")
-    assert (args.output_stride, args.pretrain_epochs, args.precise_bn, args.epa_gate) == (8, 5, 10, True)
+    assert (args.output_stride, args.pretrain_epochs, args.precise_bn, args.epa_gate) == (8, 4, 10, True)
     assert args.ema == 0.98
 
 

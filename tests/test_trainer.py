@@ -66,6 +66,16 @@ def test_both_methods_train_and_write_results(both_methods: Path) -> None:
     assert "SupOnly" in table and "CSC-PA" in table
 
 
+def test_each_method_of_both_trains_the_network_it_would_train_alone(both_methods: Path, tmp_path: Path) -> None:
+    # The arms are independent: CSC-PA after SupOnly starts from, and ends at, what --method cscpa gives
+    assert train_busi.main([*TINY, "--method", "cscpa", "--overlays", "0", "--out", str(tmp_path)]) == 0
+    alone = torch.load(tmp_path / "cscpa" / "fold0" / "last.pt", weights_only=False)["model"]
+    after = torch.load(both_methods / "cscpa" / "fold0" / "last.pt", weights_only=False)["model"]
+    assert alone.keys() == after.keys()
+    for key, value in alone.items():
+        assert torch.equal(after[key], value), key
+
+
 def test_cscpa_checkpoint_holds_an_initialised_edge_bank(both_methods: Path) -> None:
     state = torch.load(both_methods / "cscpa" / "fold0" / "last.pt", weights_only=False)
     assert bool(state["model"]["epa.container.initialized"])
@@ -284,21 +294,24 @@ def test_fpa_kv_stride_flag_is_checked_and_reaches_the_model(capsys: pytest.Capt
     assert model.fpa is not None and model.fpa.kv_stride == 2
 
 
-def test_precise_bn_replaces_the_running_statistics_by_the_plain_average_of_batch_statistics() -> None:
+def test_precise_bn_averages_batch_statistics_with_dropout_off_and_draws_no_random_numbers() -> None:
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3)
-    model = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(4, momentum=0.3)).eval()
-    model[1].running_mean.fill_(5.0)  # stale statistics, to be replaced rather than blended
-    batches = [torch.randn(2, 3, 6, 6) * (1 + i) + i for i in range(3)]
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), conv, torch.nn.BatchNorm2d(4, momentum=0.3))
+    batches = [torch.randn(2, 3, 6, 6) + i for i in range(3)]
+    state = torch.get_rng_state()
+    model.eval()
     reestimate_bn(model, batches)
-    assert not model.training and model[1].momentum == 0.3  # mode and momentum as they were
-    with torch.no_grad():
+    assert torch.equal(torch.get_rng_state(), state)  # the dropout layer drew nothing
+    assert not model.training and not model[0].training  # modes and momentum as they were
+    assert model[2].momentum == 0.3
+    with torch.no_grad():  # the plain average of per-batch statistics of conv(x): x undropped
         outs = [conv(x) for x in batches]
     mean = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
     var = torch.stack([o.var((0, 2, 3), unbiased=True) for o in outs]).mean(0)
-    torch.testing.assert_close(model[1].running_mean, mean, rtol=0, atol=1e-6)
-    torch.testing.assert_close(model[1].running_var, var, rtol=1e-6, atol=1e-6)
-    assert int(model[1].num_batches_tracked) == 3
+    torch.testing.assert_close(model[2].running_mean, mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model[2].running_var, var, rtol=1e-6, atol=1e-6)
+    assert int(model[2].num_batches_tracked) == 3
 
 
 def test_precise_bn_changes_the_running_statistics_only(tmp_path: Path) -> None:
@@ -442,8 +455,15 @@ def test_ema_changes_what_is_scored_not_the_training(tmp_path: Path) -> None:
     ema = torch.load(tmp_path / "ema" / "cscpa" / "fold0" / "last.pt", weights_only=False)
     # The average never feeds back: the trained weights are the same to the bit...
     assert plain["ema"] is None and ema["ema"]["updates"] == 6
+    running = ("running_mean", "running_var", "num_batches_tracked")
     for key, value in plain["model"].items():
-        assert torch.equal(ema["model"][key], value), key
+        assert key.endswith(running) or torch.equal(ema["model"][key], value), key
+    # ... and --precise-bn re-estimated the statistics of what validation scores: the plain
+    # run's network, the average only under --ema (the network keeps its momentum averages)
+    assert any(not torch.equal(ema["model"][k], v) for k, v in plain["model"].items() if k.endswith("running_mean"))
+    # every training forward, never reset: 3 pre-training steps of 1 and 3 two-stage steps of 2
+    assert int(ema["model"]["backbone.bn1.num_batches_tracked"]) == 9
+    assert int(plain["model"]["backbone.bn1.num_batches_tracked"]) == 1  # the last epoch's 1 batch
     # ... while validation scored the average, which is not the last step's weights.
     average = ema["ema"]["average"]
     assert any(not torch.equal(average[k], v) for k, v in ema["model"].items() if k.endswith(".weight"))

@@ -30,10 +30,13 @@ def precise_bn_inputs(labeled: Any, unlabeled: Any | None, stage1_input: Callabl
 @torch.no_grad()
 def reestimate_bn(model: nn.Module, inputs: Iterable[torch.Tensor], *, autocast: Callable[[], Any] | None = None) -> None:
     """Replace every BatchNorm's running statistics in ``model`` by their plain average over
-    ``inputs`` (network inputs, forwarded in training mode with the current weights).
+    ``inputs`` (network inputs, forwarded in training mode with the current weights, with
+    dropout off).
 
-    Training mode normalises with batch statistics, so this changes evaluation only, never
-    the training trajectory. It matters for CSC-PA: EPA adds a large, nearly constant vector
+    Dropout layers run as they do at evaluation, so the layers after them are measured on the
+    inputs evaluation gives them (dropout's training-mode rescaling inflates their variance)
+    and the pass draws no random numbers. Training mode normalises with batch statistics, so
+    this changes evaluation only, never the training trajectory. It matters for CSC-PA: EPA adds a large, nearly constant vector
     whose size follows the edge bank from one iteration to the next, and stage 2 feeds masked
     images through the same BatchNorms, so the running averages can lag the features and
     evaluation collapse while the network itself is fine (docs/results.md). Use inputs like
@@ -49,6 +52,9 @@ def reestimate_bn(model: nn.Module, inputs: Iterable[torch.Tensor], *, autocast:
         m.momentum = None  # a cumulative average over the inputs
     was_training = model.training
     model.train()
+    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    for m in dropouts:
+        m.eval()
     try:
         for x in inputs:
             with autocast() if autocast is not None else contextlib.nullcontext():

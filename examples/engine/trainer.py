@@ -232,14 +232,12 @@ class FoldTrainer:
         self.step.end_epoch(epoch)
         if self.ema is not None:
             self.ema.copy_buffers()  # the container may have been initialised just now
-        # precise-BN: every rank runs its share (SyncBatchNorm needs all); the average gets the same batches
-        models = [self.model] if self.ema is None else [self.model, self.ema.average]
-        for model in models if cfg.precise_bn else []:
+        if cfg.precise_bn:  # of what validation scores (with --ema the average only); every rank runs its share
             inputs = precise_bn_inputs(self.data.labeled, self.data.unlabeled if self.step.reads_unlabeled else None,
                                        self.step.stage1_input, seed=cfg.seed, tag=f"precise-bn-{cfg.fold}-{epoch}",
                                        count=cfg.precise_bn, batch=cfg.batch, rank=self.dist.rank,
                                        world=self.dist.world, workers=cfg.workers, device=self.device)
-            reestimate_bn(model, inputs, autocast=self.autocast)
+            reestimate_bn(self.model if self.ema is None else self.ema.average, inputs, autocast=self.autocast)
         val = self._validate(epoch, stats, log)
         self.epochs_ended = epoch + 1
         self.save()
