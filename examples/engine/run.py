@@ -22,7 +22,6 @@ from examples.data.folds import fold_data, open_dataset, split_file
 from examples.engine.arguments import config_for, parse_args
 from examples.engine.distributed import pick_device, setup_distributed
 from examples.engine.results import FoldResult, write_summary
-from examples.engine.streams import mix_seed
 from examples.engine.trainer import FoldTrainer
 from examples.models.deeplab import DeepLabV3Plus
 from examples.models.protocol import ModelBuilder
@@ -71,9 +70,9 @@ def main(argv: list[str] | None = None, *, build_model: ModelBuilder = build_mod
         for method in methods:
             config = config_for(args, method, fold)
             out_dir = Path(args.out) / method / f"fold{fold}"
-            # A network's random initialisation depends on the seed and the fold only, never on what
-            # ran before it: with --method both each method starts as --method M alone would start it.
-            torch.manual_seed(mix_seed(args.seed, "init", fold))
+            # A network's random initialisation depends on --seed only, never on what ran before it:
+            # each method and fold of one run starts as a run of that method and fold alone would.
+            torch.manual_seed(args.seed)
             trainer = FoldTrainer(config, data, build_model(config), out_dir, device)
             results.append(trainer.run(log=log))
     if rank_zero:
