@@ -293,6 +293,6 @@ class FoldTrainer:
             write_fold_results(self.out_dir, cfg, result, git_shas=self.git_shas, device=self.device,
                                world_size=self.dist.world)
             log(f"fold {cfg.fold} {cfg.method}: test Dice {test.dice:.4f} ± {test.dice_std:.4f}, IoU {test.iou:.4f} ± {test.iou_std:.4f} "
-                f"({len(test.scores)} images, checkpoint of epoch {selected}, {cfg.select} on val)")
+                f"({len(test.scores)} images, checkpoint of epoch {selected}, {'best on val' if cfg.select == 'best' else 'the last'})")
         self.dist.barrier()
         return FoldResult(cfg.method, cfg.fold, test, selected, self.best_val, self.history, seconds)
