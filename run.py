@@ -30,8 +30,7 @@ EXTRAS = {"main": "examples", "test": "test,examples,export"}
 # gated EPA and precise-BN as in the CPU protocol, and both methods scored on the moving average
 # of their weights at the end of training (--ema 0.98 --select last: no checkpoint chosen on the
 # 19 val images, whose Dice moves by several points from one epoch to the next). docs/results.md
-# gives its measured time and
-# scores per seed and thread count. Arguments after `main` override any of these; with
+# gives its measured time and scores per seed and thread count. Arguments after `main` override any of these; with
 # `--preset` among them, MAIN_SETTINGS are left out so that the preset's values apply.
 MAIN_BASE = ["-m", "examples.train_busi", "--method", "both", "--data", "phantom", "--labeled", "1/8", "--workers", "0",
              "--out", "runs/quickstart"]
