@@ -298,7 +298,8 @@ def test_precise_bn_averages_batch_statistics_with_dropout_off_and_draws_no_rand
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3)
     model = torch.nn.Sequential(torch.nn.Dropout(0.5), conv, torch.nn.BatchNorm2d(4, momentum=0.3))
-    batches = [torch.randn(2, 3, 6, 6) + i for i in range(3)]
+    batches = [torch.randn(2, 3, 6, 6) * (1 + i) + i for i in range(3)]
+    model[2].running_mean.fill_(5.0)  # stale statistics, to be replaced rather than blended
     state = torch.get_rng_state()
     model.eval()
     reestimate_bn(model, batches)

@@ -36,10 +36,11 @@ def reestimate_bn(model: nn.Module, inputs: Iterable[torch.Tensor], *, autocast:
     Dropout layers run as they do at evaluation, so the layers after them are measured on the
     inputs evaluation gives them (dropout's training-mode rescaling inflates their variance)
     and the pass draws no random numbers. Training mode normalises with batch statistics, so
-    this changes evaluation only, never the training trajectory. It matters for CSC-PA: EPA adds a large, nearly constant vector
-    whose size follows the edge bank from one iteration to the next, and stage 2 feeds masked
-    images through the same BatchNorms, so the running averages can lag the features and
-    evaluation collapse while the network itself is fine (docs/results.md). Use inputs like
+    this changes evaluation only, never the training trajectory. It matters for CSC-PA: EPA
+    adds a large, nearly constant vector whose size follows the edge bank from one iteration
+    to the next, and stage 2 feeds masked images through the same BatchNorms, so the running
+    averages can lag the features and evaluation collapse while the network itself is fine
+    (docs/results.md). Use inputs like
     the training batches (the same batch size and mix), since the averages are of per-batch
     statistics.
     """
