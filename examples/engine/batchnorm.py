@@ -53,9 +53,8 @@ def reestimate_bn(model: nn.Module, inputs: Iterable[torch.Tensor], *, autocast:
         m.momentum = None  # a cumulative average over the inputs
     was_training = model.training
     model.train()
-    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-    for m in dropouts:
-        m.eval()
+    for dropout in (d for d in model.modules() if isinstance(d, nn.modules.dropout._DropoutNd)):
+        dropout.eval()  # as at evaluation; model.train(was_training) below restores it
     try:
         for x in inputs:
             with autocast() if autocast is not None else contextlib.nullcontext():
