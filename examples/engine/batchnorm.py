@@ -40,9 +40,8 @@ def reestimate_bn(model: nn.Module, inputs: Iterable[torch.Tensor], *, autocast:
     adds a large, nearly constant vector whose size follows the edge bank from one iteration
     to the next, and stage 2 feeds masked images through the same BatchNorms, so the running
     averages can lag the features and evaluation collapse while the network itself is fine
-    (docs/results.md). Use inputs like
-    the training batches (the same batch size and mix), since the averages are of per-batch
-    statistics.
+    (docs/results.md). Use inputs like the training batches (the same batch size and mix),
+    since the averages are of per-batch statistics.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
