@@ -159,3 +159,24 @@ def test_the_trainers_no_phantom_lesion_free_reaches_the_split_and_the_dataset(t
     parts = fold_data(dataset, path, config)
     seen = [i for part in parts for i in part.ids]
     assert sorted(seen) == sorted(dataset.ids)  # every kept image in one part, no lesion-free one anywhere
+
+
+def test_the_trainers_fewer_labels_fractions_reach_its_own_split_file(tmp_path: Path) -> None:
+    from examples.data.folds import fold_data, open_dataset, split_file
+    from examples.engine.config import TrainConfig
+
+    files = {}
+    for labeled in ("1/8", "1/32"):
+        config = TrainConfig(phantom_images=60, labeled=labeled, out=str(tmp_path / labeled.replace("/", "of")), crop=32)
+        files[labeled] = json.loads(split_file(config, main=True).read_text())  # made by make_splits, as the trainer does
+        parts = fold_data(open_dataset(config), split_file(config, main=False), config)
+        assert len(parts.labeled) == len(files[labeled]["folds"][0]["labeled"][labeled]) > 0
+    assert files["1/8"]["labeled_fractions"] == ["1/8", "1/4", "1/2"]  # a default run's file: only the paper's
+    assert files["1/32"]["labeled_fractions"] == ["1/32", "1/8", "1/4", "1/2"]
+    default, extended = files["1/8"]["folds"], files["1/32"]["folds"]
+    for k in range(5):  # the extra fraction moves none of the others (no duplicate groups in the phantom)
+        for key in ("train", "val", "test"):
+            assert default[k][key] == extended[k][key]
+        for fraction in ("1/8", "1/4", "1/2"):
+            assert default[k]["labeled"][fraction] == extended[k]["labeled"][fraction]
+        assert set(extended[k]["labeled"]["1/32"]) < set(extended[k]["labeled"]["1/8"])  # nested

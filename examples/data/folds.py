@@ -13,7 +13,7 @@ import torch.distributed as dist
 from examples.data.base import SegmentationDataset
 from examples.data.folders import DataError
 from examples.data.registry import build_dataset
-from examples.data.splits import load_split
+from examples.data.splits import DEFAULT_FRACTIONS, load_split
 from examples.data.transforms import EvalTransform, TrainTransform
 from examples.engine.config import TrainConfig
 
@@ -53,6 +53,8 @@ def split_file(config: TrainConfig, main: bool) -> Path:
         command += ["--count", str(config.phantom_images)] if config.data == "phantom" else []
         command += ["--include-normal"] if config.include_normal else []
         command += ["--no-lesion-free"] if config.data == "phantom" and not config.phantom_lesion_free else []
+        if config.labeled not in DEFAULT_FRACTIONS:  # only then, so a default run writes the same file as before
+            command += ["--fractions", *DEFAULT_FRACTIONS, config.labeled]
         if make_splits(command) != 0:
             raise SystemExit(f"could not write a split file for --data {config.data!r} (see the error above)")
     if dist.is_initialized():

