@@ -13,14 +13,6 @@ import torch
 from torch import Tensor
 
 
-def channel_norm(x: Tensor) -> Tensor:
-    """|x| over dim 1 of (B, C, N), kept: (B, 1, N). For code with its own backward: the
-    square root has an infinite derivative at 0, so do not differentiate through it."""
-    if x.dtype == torch.float16:
-        return torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    return (x * x).sum(1, keepdim=True).sqrt()
-
-
 def clamped_channel_norm(x: Tensor, eps: float) -> Tensor:
     """``max(|x|, eps)`` over dim 1 of (B, C, N): (B, N), with autograd.
 

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from cscpa_layers._checks import without_autocast
-from cscpa_layers._norms import channel_norm
 
 
 def _normalize_backward(grad: Tensor, value: Tensor, norm: Tensor, eps: float, dim: int) -> Tensor:
@@ -36,6 +35,33 @@ def _normalize_backward(grad: Tensor, value: Tensor, norm: Tensor, eps: float, d
     # d(value / |value|) = dOut / |value| - value <dOut, value> / |value|^3, only where unclamped
     radial = torch.where(norm >= eps, projection / scale**3, 0.0)
     return grad / scale - value * radial
+
+
+def _prototypes_and_norms(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel log-sum-exp (B, C, 1), prototypes P = softmax_N(x) x^T (B, C, C) and
+    pixel norms |x_n| (B, 1, N, unclamped) of x (B, C, N), one image at a time.
+
+    The (C, N) temporaries (the softmax weights, the squares) live in one reused buffer, so no
+    temporary of the whole batch's size is made: on CPU each fresh allocation of that size
+    costs its page faults again (glibc serves it by mmap), which at (8, 512, 64²) was a
+    measurable part of FPA's time.
+    """
+    b, c, n = x.shape
+    lse = x.new_empty(b, c, 1)
+    protos = x.new_empty(b, c, c)
+    pixel_norm = x.new_empty(b, 1, n)
+    buffer = x.new_empty(c, n)
+    ones = x.new_ones(1, c)
+    for i in range(b):
+        xi = x[i]  # (C, N)
+        torch.logsumexp(xi, dim=-1, keepdim=True, out=lse[i])  # (C, 1)
+        weights = torch.sub(xi, lse[i], out=buffer).exp_()  # softmax over the pixels, (C, N)
+        torch.matmul(weights, xi.t(), out=protos[i])
+        if x.dtype == torch.float16:  # squares overflow above 256: vector_norm accumulates in float32
+            pixel_norm[i] = torch.linalg.vector_norm(xi, dim=0, keepdim=True)
+        else:  # a product with ones sums the squares down the channels (a strided sum is slow on CPU)
+            torch.matmul(ones, torch.mul(xi, xi, out=buffer), out=pixel_norm[i]).sqrt_()
+    return lse, protos, pixel_norm
 
 
 class PrototypeTokens(torch.autograd.Function):
@@ -56,11 +82,9 @@ class PrototypeTokens(torch.autograd.Function):
         value_bias: Tensor | None,
         eps: float,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (B, C, 1)
-        protos = (x - lse).exp_() @ x.transpose(1, 2)  # (B, C, C)
+        lse, protos, pixel_norm = _prototypes_and_norms(x)
         proto_norm = protos.norm(dim=-1, keepdim=True)  # (B, C, 1)
         protos_n = protos / proto_norm.clamp_min(eps)  # (B, C, C)
-        pixel_norm = channel_norm(x)  # (B, 1, N), unclamped
         scale = pixel_norm.clamp_min(eps).transpose(1, 2)  # (B, N, 1)
         weights = [key_weight] if value_weight is None else [key_weight, value_weight]
         biases = [key_bias] if value_bias is None else [key_bias, value_bias]
@@ -69,7 +93,11 @@ class PrototypeTokens(torch.autograd.Function):
         mixed = [torch.bmm(w.expand(x.shape[0], -1, -1), protos_n) for w in weights]
         # L(Phi) = Fn^T M^T + b = (x^T M^T) / |F_n| + b: the per-pixel scale is applied to the
         # (B, N, K) product, so the normalised copy Fn is never stored.
-        outs = [torch.addcdiv(b, x.transpose(1, 2) @ m.transpose(1, 2), scale) for m, b in zip(mixed, biases)]
+        # addcdiv writes over its own product: one (B, N, K) allocation per output, not two.
+        outs = []
+        for m, b in zip(mixed, biases):
+            product = torch.bmm(x.transpose(1, 2), m.transpose(1, 2))  # (B, N, K)
+            outs.append(torch.addcdiv(b, product, scale, out=product))
         ctx.eps = eps
         ctx.device_type = x.device.type
         ctx.set_materialize_grads(False)
@@ -89,21 +117,27 @@ class PrototypeTokens(torch.autograd.Function):
         inv_scale = pixel_norm.clamp_min(eps).reciprocal().transpose(1, 2)  # (B, N, 1)
         grad_protos_n: Tensor | None = None  # dPn, (B, C, C)
         param_grads: list[Tensor | None] = [None, None, None, None]
-        used: list[tuple[Tensor, Tensor]] = []  # (G / |F_n|, M) for each output that got a gradient
+        used: list[tuple[Tensor, Tensor]] = []  # (G, M) for each output that got a gradient
+        b, c, n = x.shape
+        scaled = x.new_empty(n, rest[0].shape[0])  # G / |F_n| of one image, (N, K), reused
         for j, (grad, weight, mix) in enumerate(zip(grads, rest[:count], rest[count:])):
             if grad is None:
                 continue
-            scaled = grad * inv_scale  # G / |F_n|, (B, N, K)
-            grad_mixed = scaled.transpose(1, 2) @ x.transpose(1, 2)  # dM = G^T Fn^T = (G / |F_n|)^T x^T, (B, K, C)
+            # dM = G^T Fn^T = (G / |F_n|)^T x^T, (B, K, C), one image at a time so that the scaled
+            # copy of G is one image's (a whole-batch temporary costs fresh page faults on CPU)
+            grad_mixed = x.new_empty(b, mix.shape[1], c)
+            for i in range(b):
+                torch.mul(grad[i], inv_scale[i], out=scaled)
+                torch.matmul(scaled.t(), x[i].t(), out=grad_mixed[i])
             param_grads[2 * j] = (grad_mixed @ protos_n.transpose(1, 2)).sum(0)  # dW, (K, C)
             param_grads[2 * j + 1] = grad.sum((0, 1))  # (K,)
             # dPn += W^T dM, as a bmm on the expanded W^T (no transposed copy of dM, see forward)
-            weight_t = weight.t().expand(x.shape[0], -1, -1)
+            weight_t = weight.t().expand(b, -1, -1)
             if grad_protos_n is None:
                 grad_protos_n = torch.bmm(weight_t, grad_mixed)
             else:
                 grad_protos_n.baddbmm_(weight_t, grad_mixed)
-            used.append((scaled, mix))
+            used.append((grad, mix))
         if grad_protos_n is None:  # neither output got a gradient
             grad_protos_n = torch.zeros_like(protos)
         grad_protos = _normalize_backward(grad_protos_n, protos, proto_norm, eps, dim=-1)  # dP, (B, C, C)
@@ -112,6 +146,7 @@ class PrototypeTokens(torch.autograd.Function):
         softmax_dot = (grad_protos * protos).sum(-1, keepdim=True)  # (B, C, 1)
         # 1 / |F_n|^2 where the norm is not clamped (there the denominator is a constant eps)
         radial_scale = torch.where(pixel_norm >= eps, inv_scale.transpose(1, 2).square(), 0.0)  # (B, 1, N)
+        inv_pixel = inv_scale.transpose(1, 2)  # 1 / |F_n|, (B, 1, N)
 
         grad_x = torch.empty_like(x)
         # The (C, N) temporaries are made one image at a time and reused, so the peak stays near
@@ -120,11 +155,12 @@ class PrototypeTokens(torch.autograd.Function):
         grad_a = x.new_empty(x.shape[1:])
         for i in range(x.shape[0]):
             xi, gx = x[i], grad_x[i]  # (C, N)
-            # dFn / |F_n| = M^T (G / |F_n|)^T, summed over keys and values
+            # dFn / |F_n| = M^T G^T / |F_n|, summed over keys and values, then scaled per pixel
             if used:
                 torch.matmul(used[0][1][i].t(), used[0][0][i].t(), out=gx)
-                for scaled, mix in used[1:]:
-                    gx.addmm_(mix[i].t(), scaled[i].t())
+                for grad, mix in used[1:]:
+                    gx.addmm_(mix[i].t(), grad[i].t())
+                gx.mul_(inv_pixel[i])
             else:
                 gx.zero_()
             # Fn = x / |x_n|: dx = dFn / |x_n| - x <dFn, x> / |x_n|^3 = g - x <g, x> / |x_n|^2
@@ -178,3 +214,71 @@ def prototype_tokens(
     params = [p if p is None else p.to(dtype) for p in (key_weight, key_bias, value_weight, value_bias)]
     with without_autocast(x.device.type):
         return PrototypeTokens.apply(x.to(dtype), *params, eps)
+
+
+class _OutputProjection(torch.autograd.Function):
+    """``x + L_o(attended)`` (or ``L_o(attended)``) in x's (B, C, N) layout.
+
+    The backward returns the attention output's gradient as a contiguous (B, N, d) tensor,
+    which the fused attention backward needs: autograd's gradient through the transposed
+    operand of ``baddbmm`` is a transposed view, which the attention copied first. The
+    forward writes the product into its one output (no copy of the start value), and the
+    bias gradient is a product with a ones vector (a reduced-precision sum over (B, N) takes a
+    float32 copy of the whole gradient on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor | None, attended: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        b = attended.shape[0]
+        weight_b = weight.expand(b, -1, -1)  # (B, C, d)
+        if x is None:
+            out = torch.bmm(weight_b, attended.transpose(1, 2))  # (B, C, N)
+            if bias is not None:
+                out.add_(bias[:, None])
+        else:
+            out = x + bias[:, None] if bias is not None else x.clone()
+            out.baddbmm_(weight_b, attended.transpose(1, 2))
+        ctx.save_for_backward(attended, weight)
+        ctx.has_bias = bias is not None
+        ctx.device_type = attended.device.type
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None) -> Any:
+        if grad is None:
+            return None, None, None, None
+        attended, weight = ctx.saved_tensors
+        with without_autocast(ctx.device_type):
+            b, n = attended.shape[:2]
+            grad_x = grad if ctx.needs_input_grad[0] else None
+            grad_att = torch.bmm(grad.transpose(1, 2), weight.expand(b, -1, -1)) if ctx.needs_input_grad[1] else None
+            # per-image products summed over the batch in float32 at least, rounded once
+            acc = torch.promote_types(grad.dtype, torch.float32)
+            grad_w = None
+            if ctx.needs_input_grad[2]:
+                grad_w = torch.bmm(grad, attended).sum(0, dtype=acc).to(grad.dtype)  # (C, d)
+            grad_b = None
+            if ctx.has_bias and ctx.needs_input_grad[3]:
+                grad_b = torch.matmul(grad, grad.new_ones(n, 1)).sum((0, 2), dtype=acc).to(grad.dtype)  # (C,)
+        return grad_x, grad_att, grad_w, grad_b
+
+
+def project_out(x: Tensor, attended: Tensor, weight: Tensor, bias: Tensor | None, *, residual: bool) -> Tensor:
+    """FPA's output stage: ``x + L_o(attended)`` with ``residual``, else ``L_o(attended)``.
+
+    x: (B, C, H, W); attended: (B, N, d) with N = H * W; weight: (C, d); bias: (C,) or None.
+    Returns (B, C, H, W). Under autocast the stage runs in the autocast dtype, as the
+    ``baddbmm`` it replaces did; otherwise in the promoted dtype of its inputs.
+    """
+    b, c, h, w = x.shape
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(x.dtype, attended.dtype), weight.dtype)
+    start = x.flatten(2).to(dtype) if residual else None
+    params = (weight.to(dtype), None if bias is None else bias.to(dtype))
+    with without_autocast(device_type):
+        out = _OutputProjection.apply(start, attended.to(dtype), *params)
+    return out.view(b, c, h, w)

@@ -26,7 +26,7 @@ from cscpa_layers._checks import (
     check_same_device,
     check_shape,
 )
-from cscpa_layers._prototype_tokens import prototype_tokens
+from cscpa_layers._prototype_tokens import project_out, prototype_tokens
 
 __all__ = [
     "ForegroundPrototypeAttention",
@@ -211,14 +211,7 @@ def foreground_prototype_attention(
     attended = F.scaled_dot_product_attention(
         query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     ).squeeze(1)  # (B, N, d)
-    if not residual:  # F_f = L_o(attended) alone
-        update = torch.matmul(out_weight, attended.transpose(1, 2))  # (C, d) @ (B, d, N) -> (B, C, N)
-        update = update if out_bias is None else update + out_bias[:, None]
-        return update.view(b, c, h, w)
-    # x + L_o(attended), produced directly in x's (B, C, N) layout by one fused call
-    start = x.flatten(2) if out_bias is None else x.flatten(2) + out_bias[:, None]
-    out = torch.baddbmm(start, out_weight.expand(b, c, d), attended.transpose(1, 2))  # (B, C, N)
-    return out.view(b, c, h, w)
+    return project_out(x, attended, out_weight, out_bias, residual=residual)
 
 
 def _pool_tokens(tokens: Tensor, size: tuple[int, ...] | torch.Size, stride: int) -> Tensor:

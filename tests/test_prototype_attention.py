@@ -276,6 +276,7 @@ class TestForegroundPrototypeAttentionOp(OpTester):
             Case("all-zero-features", lambda: call((2, 8, 4, 4), zeros=True)),
             Case("1x1", lambda: call((2, 4, 1, 1), torch.float64), reference=True, gradcheck=True),
             Case("empty-batch", lambda: call((0, 4, 3, 3)), shape=(0, 4, 3, 3)),
+            Case("empty-map", lambda: call((2, 4, 0, 3)), shape=(2, 4, 0, 3)),
             Case("large-magnitudes", lambda: call((2, 8, 5, 5), scale=1e4)),
             Case("odd-batch-explicit-partner", lambda: call((3, 4, 2, 3), torch.float64, partner=True), reference=True),
             Case("kv_stride-1x1", lambda: call((2, 4, 1, 1), kv_stride=2), reference=True, tol=loose32),
