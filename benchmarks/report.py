@@ -90,6 +90,20 @@ FPA_FLOOR_NOTE = [
     "floor column): at 64² the 1.3× target leaves about 2% of the time for everything that is not",
     "a matrix product (softmax, norms, the residual add), which FPA's fast path does not reach on",
     "CPU. The overhead column against the FLOP floor column is the part we can still remove.",
+    "",
+    "Where that part went, profiled at B = 8, 64², float32 on CPU (2026-12-02): page faults of fresh",
+    "whole-batch temporaries (glibc maps each one anew: 252k minor faults per forward+backward",
+    "against bare SDPA's 33k), a copy of the attention output's transposed gradient before the",
+    "fused backward, the start copy inside `baddbmm` and, in bfloat16, a float32 copy of the",
+    "gradient for the output bias's sum. b742961 computes the prototypes and norms one image at a",
+    "time in a reused buffer and gives the output stage its own backward: 147k faults, and in an",
+    "interleaved same-machine comparison the B = 8 overhead fell from 1.44× to 1.38× (float32) and",
+    "from 1.62× to 1.45× (bfloat16). What remains outside the products is mostly the halves' roll",
+    "(a copy forward and backward), the sum of x's two gradients and SDPA's own buffers. Against",
+    "the committed run of 2026-12-01 (3d41af2, before that change), the full run of 2026-12-02",
+    "(b742961) measured forward+backward overheads at 64² of 1.33× (B = 2) and 1.33× (B = 8) in",
+    "float32, from 1.31× and 1.39×, and 1.43× and 1.48× in bfloat16, from 1.48× and 1.55×; bare",
+    "SDPA itself ran 9-22% slower that day on the same kind of machine, so compare within a run.",
 ]
 
 
