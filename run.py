@@ -13,6 +13,7 @@ PyTorch and the rest come from.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import venv
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("CSCPA_VENV", ROOT / ".venv"))
@@ -55,8 +57,47 @@ def venv_python() -> Path:
     return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
+def _covered(installed: list[str], digest: str, extras: str) -> bool:
+    """Whether a stamp line installed these package files with at least ``extras``: after
+    ``run.py test`` (test,examples,export) the main job (examples) needs no new install."""
+    wanted = set(extras.split(","))
+    for line in installed:
+        stamp_digest, _, stamp_extras = line.partition(" ")
+        if stamp_digest == digest and wanted <= set(stamp_extras.split(",")):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _install_lock() -> Iterator[None]:
+    """Hold an exclusive lock beside the venv while it is checked and installed, so that two
+    run.py commands started together do not run pip into the same venv at once (seen: the
+    second pip failed on a file the first was replacing). Without fcntl (Windows): no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    VENV.parent.mkdir(parents=True, exist_ok=True)
+    with open(VENV.parent / f".{VENV.name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[run.py] waiting for another run.py to finish setting up {VENV}", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def ensure_environment(extras: str) -> Path:
     """Create or reuse the venv and install the package with ``extras``; return its python."""
+    with _install_lock():
+        return _ensure_environment(extras)
+
+
+def _ensure_environment(extras: str) -> Path:
     digest = hashlib.sha256()
     for name in ("pyproject.toml", "setup.cfg"):
         digest.update((ROOT / name).read_bytes())
@@ -64,7 +105,7 @@ def ensure_environment(extras: str) -> Path:
     stamp = VENV / ".cscpa-installed"
     python = venv_python()
     installed = stamp.read_text().split("\n") if stamp.exists() else []
-    if python.exists() and wanted in installed:
+    if python.exists() and _covered(installed, digest.hexdigest(), extras):
         return python
     if not python.exists():
         print(f"[run.py] creating virtual environment in {VENV}", flush=True)

@@ -73,3 +73,48 @@ def test_a_failed_install_names_the_package_index(tmp_path: Path, monkeypatch: p
     (tmp_path / "venv").mkdir()
     assert run.main(["test"]) == 1
     assert "pip could not install cscpa_layers[test,examples,export]" in capsys.readouterr().err
+
+
+def _fake_venv(run: ModuleType, target: Path, extras: str) -> None:
+    """A venv whose python exists and whose stamp says these package files were installed with ``extras``."""
+    python = run.venv_python()
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    digest = run.hashlib.sha256()
+    for name in ("pyproject.toml", "setup.cfg"):
+        digest.update((ROOT / name).read_bytes())
+    (target / ".cscpa-installed").write_text(f"{digest.hexdigest()} {extras}")
+
+
+def test_the_tests_environment_serves_the_main_job_without_a_new_install(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _run_py()
+    target = tmp_path / "venv"
+    monkeypatch.setattr(run, "VENV", target)
+    _fake_venv(run, target, run.EXTRAS["test"])
+    calls: list[object] = []
+    monkeypatch.setattr(run.subprocess, "run", lambda *a, **k: calls.append(a))
+    assert run.ensure_environment(run.EXTRAS["main"]) == run.venv_python()
+    assert calls == []  # test,examples,export covers examples
+    (target / ".cscpa-installed").write_text("another-digest " + run.EXTRAS["test"])
+    run.ensure_environment(run.EXTRAS["main"])
+    assert len(calls) == 1  # changed package files: install again
+
+
+def test_a_second_run_py_waits_for_the_first_ones_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import threading
+
+    run = _run_py()
+    target = tmp_path / "venv"
+    monkeypatch.setattr(run, "VENV", target)
+    _fake_venv(run, target, run.EXTRAS["main"])
+    done = threading.Event()
+    with run._install_lock():  # the first run.py, still installing
+        worker = threading.Thread(target=lambda: (run.ensure_environment(run.EXTRAS["main"]), done.set()))
+        worker.start()
+        worker.join(timeout=1.0)
+        assert not done.is_set()  # blocked on the lock, not racing into pip
+    worker.join(timeout=10)
+    assert done.is_set()
+    assert "waiting for another run.py" in capsys.readouterr().out
