@@ -79,7 +79,7 @@ def _install_lock() -> Iterator[None]:
         yield
         return
     VENV.parent.mkdir(parents=True, exist_ok=True)
-    with open(VENV.parent / f".{VENV.name}.lock", "w") as handle:
+    with open(VENV.with_name(f"{VENV.name}.lock"), "w") as handle:  # .venv.lock by default
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

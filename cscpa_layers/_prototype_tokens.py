@@ -253,7 +253,7 @@ class _OutputProjection(torch.autograd.Function):
             b, n = attended.shape[:2]
             grad_x = grad if ctx.needs_input_grad[0] else None
             grad_att = torch.bmm(grad.transpose(1, 2), weight.expand(b, -1, -1)) if ctx.needs_input_grad[1] else None
-            # per-image products summed over the batch in float32 at least, rounded once
+            # the per-image products are summed over the batch in float32 at least
             acc = torch.promote_types(grad.dtype, torch.float32)
             grad_w = None
             if ctx.needs_input_grad[2]:

@@ -118,3 +118,4 @@ def test_a_second_run_py_waits_for_the_first_ones_install(tmp_path: Path, monkey
     worker.join(timeout=10)
     assert done.is_set()
     assert "waiting for another run.py" in capsys.readouterr().out
+    assert (tmp_path / "venv.lock").exists()  # beside the venv, named after it (.venv.lock by default)
