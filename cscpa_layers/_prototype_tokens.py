@@ -164,12 +164,15 @@ class PrototypeTokens(torch.autograd.Function):
             else:
                 gx.zero_()
             # Fn = x / |x_n|: dx = dFn / |x_n| - x <dFn, x> / |x_n|^3 = g - x <g, x> / |x_n|^2
-            gx.addcmul_(xi, (gx * xi).sum(0, keepdim=True) * radial_scale[i], value=-1.0)
+            # (the product g * x goes into the buffer A is about to overwrite: no fresh (C, N) temporary)
+            radial = torch.mul(gx, xi, out=weights_a).sum(0, keepdim=True).mul_(radial_scale[i])  # (1, N)
+            gx.addcmul_(xi, radial, value=-1.0)
             torch.sub(xi, lse[i], out=weights_a).exp_()  # A recomputed, (C, N)
             # P = A x^T: dx += dP^T A, and dA = dP x
             gx.addmm_(grad_protos[i].t(), weights_a)
-            # softmax backward: dx += A * (dA - <dA, A>), the dot folded into the product
-            torch.addmm(softmax_dot[i].neg(), grad_protos[i], xi, out=grad_a)
+            # softmax backward: dx += A * (dA - <dA, A>). An in-place subtraction after the product:
+            # addmm with the (C, 1) dot as its start value first copies it out to (C, N).
+            torch.mm(grad_protos[i], xi, out=grad_a).sub_(softmax_dot[i])
             gx.addcmul_(weights_a, grad_a)
         return (grad_x, *param_grads, None)
 
@@ -260,7 +263,9 @@ class _OutputProjection(torch.autograd.Function):
                 grad_w = torch.bmm(grad, attended).sum(0, dtype=acc).to(grad.dtype)  # (C, d)
             grad_b = None
             if ctx.has_bias and ctx.needs_input_grad[3]:
-                grad_b = torch.matmul(grad, grad.new_ones(n, 1)).sum((0, 2), dtype=acc).to(grad.dtype)  # (C,)
+                # a matrix-vector product: in bfloat16 the (B C, N) @ (N, 1) matmul took ~10x longer
+                c = grad.shape[1]
+                grad_b = torch.mv(grad.reshape(b * c, n), grad.new_ones(n)).view(b, c).sum(0, dtype=acc).to(grad.dtype)
         return grad_x, grad_att, grad_w, grad_b
 
 
