@@ -127,24 +127,44 @@ def test_lesions_are_separate_and_vary_widely_in_scale() -> None:
     assert max(areas) / min(areas) > 20  # r0 spans 3%..22% of the side
 
 
+def _lesion_minus_ring(rendered) -> float | None:  # type: ignore[no-untyped-def]
+    """Mean grey level inside the lesions minus that of a ring 3..8 px outside them (None: no lesion)."""
+    mask = rendered.mask.numpy()
+    if not mask.any():
+        return None
+    image = rendered.image.numpy().astype(float)
+    grown = [mask]  # dilation with np.roll
+    for _ in range(8):
+        m = grown[-1]
+        grown.append(m | np.roll(m, 1, 0) | np.roll(m, -1, 0) | np.roll(m, 1, 1) | np.roll(m, -1, 1))
+    ring = grown[8] & ~grown[3]
+    return float(image[mask].mean() - image[ring].mean())
+
+
 def test_lesions_are_darker_than_the_tissue_around_them() -> None:
     ds = PhantomDataset(40, size=128)
-    darker = total = 0
-    for i in range(len(ds)):
-        rendered = ds.render(i)
-        mask = rendered.mask.numpy()
-        if not mask.any():
-            continue
-        image = rendered.image.numpy().astype(float)
-        # a ring 3..8 px outside the lesion, by dilation with np.roll
-        grown = [mask]
-        for _ in range(8):
-            m = grown[-1]
-            grown.append(m | np.roll(m, 1, 0) | np.roll(m, -1, 0) | np.roll(m, 1, 1) | np.roll(m, -1, 1))
-        ring = grown[8] & ~grown[3]
-        total += 1
-        darker += image[mask].mean() < image[ring].mean() - 10
-    assert darker / total > 0.9
+    contrasts = [c for i in range(len(ds)) if (c := _lesion_minus_ring(ds.render(i))) is not None]
+    assert sum(c < -10 for c in contrasts) / len(contrasts) > 0.9
+
+
+def test_hyperechoic_lesions_are_brighter_and_change_nothing_else() -> None:
+    bright = PhantomDataset(40, size=128, hyperechoic=1.0)
+    contrasts = [c for i in range(len(bright)) if (c := _lesion_minus_ring(bright.render(i))) is not None]
+    assert sum(c > 10 for c in contrasts) / len(contrasts) > 0.9
+    half = PhantomDataset(40, size=128, hyperechoic=0.5)
+    signs = [c > 0 for i in range(len(half)) if (c := _lesion_minus_ring(half.render(i))) is not None]
+    assert 0.2 < sum(signs) / len(signs) < 0.8  # images of both kinds (an image may hold both)
+    plain = PhantomDataset(40, size=128)
+    for i in range(len(plain)):
+        a, b = plain.render(i), bright.render(i)
+        assert torch.equal(a.mask, b.mask) and a.num_lesions == b.num_lesions  # the same layout
+        assert torch.equal(render_phantom(phantom_seed(0, i), size=128, hyperechoic=0.0).image, a.image)
+        if a.mask.any():  # the same tissue and speckle: 20 px above the lesions (their posterior
+            # effect is below them) only the margins' sigmoid tails remain, at most one grey level
+            top = max(int(torch.nonzero(a.mask)[:, 0].min()) - 20, 0)
+            assert bool(((a.image[:top].int() - b.image[:top].int()).abs() <= 1).all())
+    assert bright.ids == plain.ids and bright.labels == plain.labels  # splits do not change
+    assert "hyperechoic=1.0" in repr(bright) and "hyperechoic" not in repr(plain)
 
 
 def test_speckle_is_rayleigh_with_mean_one() -> None:
@@ -181,6 +201,11 @@ def test_bad_arguments() -> None:
         render_phantom(0, size=8)
     with pytest.raises(ValueError, match="seed must be an int >= 0"):
         render_phantom(-1)
+    for bad in (1.5, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match=r"hyperechoic must be a number in \[0, 1\], got"):
+            render_phantom(0, size=64, hyperechoic=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"hyperechoic must be a number in \[0, 1\], got"):
+            PhantomDataset(3, size=64, hyperechoic=bad)  # type: ignore[arg-type]
 
 
 def test_fast_enough_for_two_cpu_cores() -> None:

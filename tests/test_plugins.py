@@ -161,6 +161,18 @@ def test_the_trainers_no_phantom_lesion_free_reaches_the_split_and_the_dataset(t
     assert sorted(seen) == sorted(dataset.ids)  # every kept image in one part, no lesion-free one anywhere
 
 
+def test_the_trainers_phantom_hyperechoic_reaches_the_dataset_and_is_checked(tmp_path: Path) -> None:
+    from examples.data.folds import open_dataset
+    from examples.engine.arguments import parse_args
+    from examples.engine.config import TrainConfig
+
+    dataset = open_dataset(TrainConfig(phantom_images=20, phantom_hyperechoic=0.25, out=str(tmp_path)))
+    assert getattr(dataset, "hyperechoic") == 0.25
+    assert parse_args(["--phantom-hyperechoic", "0.5"]).phantom_hyperechoic == 0.5
+    with pytest.raises(SystemExit):
+        parse_args(["--phantom-hyperechoic", "1.5"])
+
+
 def test_the_trainers_fewer_labels_fractions_reach_its_own_split_file(tmp_path: Path) -> None:
     from examples.data.folds import fold_data, open_dataset, split_file
     from examples.engine.config import TrainConfig

@@ -32,7 +32,8 @@ def open_dataset(config: TrainConfig, *, verify: bool = False) -> SegmentationDa
     try:
         # The phantom's content is fixed (seed 0); --seed changes the training, not the data.
         return build_dataset(config.data, include_normal=config.include_normal, phantom_count=config.phantom_images,
-                             phantom_lesion_free=config.phantom_lesion_free, verify=verify)
+                             phantom_lesion_free=config.phantom_lesion_free,
+                             phantom_hyperechoic=config.phantom_hyperechoic, verify=verify)
     except (DataError, FileNotFoundError) as error:
         raise SystemExit(f"--data {config.data!r}: {error}") from error
 

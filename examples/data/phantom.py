@@ -10,7 +10,8 @@ image is formed:
    polar shape r(θ) = r0·(1 + Σ_m a_m cos(mθ + φ_m)) with low harmonics (lobulation) and,
    for some, high ones (spiculation), an aspect ratio, a rotation and a radius r0 drawn
    log-uniformly between 3% and 22% of the image side. Margins are blurred by a sigmoid of
-   width 0.5-4 px. Inside, E drops to 5-40% of the tissue.
+   width 0.5-4 px. Inside, E drops to 5-40% of the tissue; with ``hyperechoic=p`` a fraction p of
+   the lesions is instead 1.8-3x as bright as the tissue, with a weak posterior effect (±30%).
 3. **Posterior acoustic effect** below each lesion: a shadow (E x 0.35-0.7) or an enhancement
    (E x 1.3-1.8) over the lesion's width, fading with depth.
 4. **Depth attenuation** exp(-α·y).
@@ -21,10 +22,8 @@ image is formed:
 
 The mask is the union of the lesion shapes (the pixels inside r(θ)).
 
-The renderer is numpy (float32): its elementwise work is single-threaded by nature. With torch
-ops, two intra-op threads on a busy 2-core machine once made a 6 ms render take 760 ms, and
-switching torch to one thread around each render cost about 20 ms per image in thread-pool
-resizing.
+The renderer is numpy (float32), single-threaded by nature: with torch ops, two threads on a busy
+2-core machine once made a 6 ms render take 760 ms (and one thread per render cost ~20 ms).
 """
 
 from __future__ import annotations
@@ -222,13 +221,16 @@ def _generators(seed: int) -> tuple[Rng, Rng]:
     return np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
 
 
-def render_phantom(seed: int, *, size: int = PHANTOM_SIZE, speckle: bool = True) -> PhantomImage:
+def render_phantom(seed: int, *, size: int = PHANTOM_SIZE, speckle: bool = True,
+                   hyperechoic: float = 0.0) -> PhantomImage:
     """Render one phantom image from a non-negative integer seed; see the module docstring.
 
     Args:
         seed: any int >= 0; the same seed always gives the same image.
         size: side of the square image in pixels (>= 32).
         speckle: multiply by the Rayleigh speckle field (False gives the smooth envelope).
+        hyperechoic: the probability that a lesion is brighter than the tissue, in [0, 1]. At 0
+            the image is exactly the one without the option (the draws use a third generator).
 
     Returns:
         A :class:`PhantomImage`.
@@ -242,8 +244,12 @@ def render_phantom(seed: int, *, size: int = PHANTOM_SIZE, speckle: bool = True)
         raise ValueError(f"size must be an int >= 32, got {size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    _check_fraction(hyperechoic, "hyperechoic")
     layout_rng, rng = _generators(seed)
     lesions = _layout(layout_rng, size)
+    kind = np.random.default_rng([seed, 2])  # a third generator, not drawn from at hyperechoic=0
+    lesions = [les._replace(level=_uniform(kind, 1.8, 3.0), posterior=_uniform(kind, -0.3, 0.3))
+               if hyperechoic > 0 and kind.random() < hyperechoic else les for les in lesions]
     rows = np.arange(size, dtype=np.float32)[:, None]  # (S, 1): depth y
     cols = np.arange(size, dtype=np.float32)[None, :]  # (1, S): lateral x
     echo = _tissue(rng, size, rows)  # (S, S)
@@ -276,6 +282,12 @@ def render_phantom(seed: int, *, size: int = PHANTOM_SIZE, speckle: bool = True)
     db = 20 * np.log10(np.maximum(envelope, 1e-6) / 5.0)  # 0 dB at 5x the brightest tissue level
     image = np.clip(np.round((db + DYNAMIC_RANGE_DB) * (255 / DYNAMIC_RANGE_DB)), 0, 255).astype(np.uint8)
     return PhantomImage(torch.from_numpy(image), torch.from_numpy(mask), len(lesions), torch.from_numpy(echo))
+
+
+def _check_fraction(value: float, name: str) -> None:
+    """A ValueError unless ``value`` is a number (not a bool) in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 def count_lesions(seed: int, *, size: int = PHANTOM_SIZE) -> int:

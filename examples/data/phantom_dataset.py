@@ -9,7 +9,8 @@ import torch
 from torchvision import tv_tensors
 
 from examples.data.base import SegmentationDataset, Transform
-from examples.data.phantom import PHANTOM_SIZE, PhantomImage, count_lesions, phantom_seed, render_phantom
+from examples.data.phantom import (PHANTOM_SIZE, PhantomImage, _check_fraction, count_lesions, phantom_seed,
+                                   render_phantom)
 from examples.data.samples import RawSample
 from examples.data.transforms import NormalizeTransform
 
@@ -32,6 +33,8 @@ class PhantomDataset(SegmentationDataset):
             keep their index among all ``num_images``, so ``phantom/000003`` is the same image
             either way.
         transform: applied to each :class:`RawSample`; default :class:`NormalizeTransform`.
+        hyperechoic: the probability that a lesion is brighter than the tissue rather than
+            darker (see :func:`render_phantom`); 0, the default, renders the images as before.
         cache: keep each rendered image and mask (size² · 2 bytes per image, 128 KiB at 256 px)
             after its first load, so an epoch does not render the same image again; the items
             are the same either way. Subsets share their parent's cache.
@@ -44,7 +47,7 @@ class PhantomDataset(SegmentationDataset):
     """
 
     def __init__(self, num_images: int, *, size: int = PHANTOM_SIZE, seed: int = 0, lesion_free: bool = True,
-                 transform: Transform | None = None, cache: bool = True) -> None:
+                 hyperechoic: float = 0.0, transform: Transform | None = None, cache: bool = True) -> None:
         super().__init__(NormalizeTransform() if transform is None else transform)
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a positive int, got {num_images!r}")
@@ -53,9 +56,11 @@ class PhantomDataset(SegmentationDataset):
         for flag, name in ((lesion_free, "lesion_free"), (cache, "cache")):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        _check_fraction(hyperechoic, "hyperechoic")
         # item -> (grey image, mask), both (size, size) uint8; None: no cache
         self._rendered: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
         self.num_images, self.size, self.seed, self.lesion_free = num_images, size, seed, lesion_free
+        self.hyperechoic = hyperechoic
         counts = [count_lesions(phantom_seed(seed, i), size=size) for i in range(num_images)]
         self.items = [i for i in range(num_images) if lesion_free or counts[i] > 0]
         if not self.items:
@@ -66,7 +71,8 @@ class PhantomDataset(SegmentationDataset):
 
     def render(self, index: int, *, speckle: bool = True) -> PhantomImage:
         """The full :class:`PhantomImage` of item ``index`` of this (sub)set."""
-        return render_phantom(phantom_seed(self.seed, self.items[index]), size=self.size, speckle=speckle)
+        return render_phantom(phantom_seed(self.seed, self.items[index]), size=self.size, speckle=speckle,
+                              hyperechoic=self.hyperechoic)
 
     def num_lesions(self, index: int) -> int:
         """Lesions in image ``index`` (cheap: no rendering)."""
@@ -75,7 +81,7 @@ class PhantomDataset(SegmentationDataset):
     def load_item(self, item: Any, item_id: str) -> RawSample:
         cached = None if self._rendered is None else self._rendered.get(item)
         if cached is None:
-            rendered = render_phantom(phantom_seed(self.seed, item), size=self.size)
+            rendered = render_phantom(phantom_seed(self.seed, item), size=self.size, hyperechoic=self.hyperechoic)
             cached = rendered.image.numpy(), rendered.mask.numpy().astype(np.uint8)
             if self._rendered is not None:
                 self._rendered[item] = cached
@@ -88,4 +94,5 @@ class PhantomDataset(SegmentationDataset):
 
     def __repr__(self) -> str:
         kept = "" if self.lesion_free else f", lesion-free left out: {len(self.items)} kept"
-        return f"PhantomDataset({self.num_images} images, size={self.size}, seed={self.seed}{kept})"
+        bright = f", hyperechoic={self.hyperechoic}" if self.hyperechoic else ""
+        return f"PhantomDataset({self.num_images} images, size={self.size}, seed={self.seed}{bright}{kept})"

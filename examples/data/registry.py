@@ -37,6 +37,7 @@ class DataOptions:
         phantom_count, phantom_size, phantom_seed: the phantom's number of images, side, seed.
         phantom_lesion_free: the phantom keeps its lesion-free images (False: left out, as
             ``include_normal=False`` leaves out BUSI's ``normal/``).
+        phantom_hyperechoic: the probability that a phantom lesion is brighter than the tissue.
     """
 
     transform: Transform | None = None
@@ -47,6 +48,7 @@ class DataOptions:
     phantom_size: int = PHANTOM_SIZE
     phantom_seed: int = 0
     phantom_lesion_free: bool = True
+    phantom_hyperechoic: float = 0.0
 
 
 DatasetBuilder = Callable[[DataOptions], SegmentationDataset]
@@ -56,7 +58,8 @@ def _phantom(options: DataOptions) -> SegmentationDataset:
     from examples.data.phantom_dataset import PhantomDataset  # numpy rendering, only when asked for
 
     return PhantomDataset(options.phantom_count, size=options.phantom_size, seed=options.phantom_seed,
-                          lesion_free=options.phantom_lesion_free, transform=options.transform)
+                          lesion_free=options.phantom_lesion_free, hyperechoic=options.phantom_hyperechoic,
+                          transform=options.transform)
 
 
 # name -> builder; "phantom" is built in, register_dataset adds to it
@@ -83,14 +86,15 @@ def build_dataset(spec: str | Path, *, transform: Transform | None = None, inclu
                   verify: bool = False, skip_bad: bool = False, phantom_count: int = DataOptions.phantom_count,
                   phantom_size: int = DataOptions.phantom_size,
                   phantom_seed: int = DataOptions.phantom_seed,
-                  phantom_lesion_free: bool = DataOptions.phantom_lesion_free) -> SegmentationDataset:
+                  phantom_lesion_free: bool = DataOptions.phantom_lesion_free,
+                  phantom_hyperechoic: float = DataOptions.phantom_hyperechoic) -> SegmentationDataset:
     """A dataset from a registered name (``phantom`` is built in) or a folder path (BUSI or
     images/ + masks/, detected).
 
     Args:
         spec: a name in :data:`DATASETS`, or a data directory.
         transform, include_normal, verify, skip_bad, phantom_count, phantom_size, phantom_seed,
-        phantom_lesion_free:
+        phantom_lesion_free, phantom_hyperechoic:
             see :class:`DataOptions`.
 
     Raises:
@@ -104,7 +108,7 @@ def build_dataset(spec: str | Path, *, transform: Transform | None = None, inclu
         ('phantom/000000', (3, 64, 64), torch.int64)
     """
     options = DataOptions(transform, include_normal, verify, skip_bad, phantom_count, phantom_size, phantom_seed,
-                          phantom_lesion_free)
+                          phantom_lesion_free, phantom_hyperechoic)
     builder = DATASETS.get(str(spec))
     if builder is not None:
         dataset = builder(options)

@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         p.error(f"--precise-bn must be >= 0, got {args.precise_bn}")
     if args.fpa_kv_stride < 1:
         p.error(f"--fpa-kv-stride must be >= 1, got {args.fpa_kv_stride}")
+    if not 0.0 <= args.phantom_hyperechoic <= 1.0:
+        p.error(f"--phantom-hyperechoic must be in [0, 1], got {args.phantom_hyperechoic}")
     if not 0.0 <= args.unsup_weight < float("inf"):
         p.error(f"--unsup-weight must be a finite number >= 0, got {args.unsup_weight}")
     return args

@@ -78,6 +78,8 @@ class TrainConfig:
     phantom_lesion_free: bool = cli(True, "phantom: leave out its lesion-free images (about one in five), as BUSI "
                                     "runs leave out normal/", group="data", flag="--no-phantom-lesion-free",
                                     action="invert")
+    phantom_hyperechoic: float = cli(0.0, "phantom: the probability that a lesion is brighter than the tissue "
+                                     "instead of darker, in [0, 1] (default %(default)s)", group="data")
     include_normal: bool = cli(False, "BUSI: also use normal/ (the paper uses abnormal images only)", group="data",
                                action="store_true")
     split: str | None = cli(None, "split file from python -m examples.make_splits (default: made once in "
