@@ -1,6 +1,7 @@
 """Draw phantom samples to a PNG: images on top, the same images with the mask outline below.
 
     python -m examples.render_phantom --out docs/img/phantom.png [--columns 4] [--size 256] [--seed 0]
+    python -m examples.render_phantom --out docs/img/phantom-hyperechoic.png --hyperechoic 0.5
 
 The columns show the first images of the phantom with 0, 1, 2 and 3 lesions (then the next
 ones), so every lesion count appears. docs/img/phantom.png is made by this script.
@@ -60,8 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", type=int, default=4, help="number of samples (default 4)")
     parser.add_argument("--size", type=int, default=256, help="image side (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    parser.add_argument("--hyperechoic", type=float, default=0.0,
+                        help="probability that a lesion is brighter than the tissue, in [0, 1] (default 0)")
     args = parser.parse_args(argv)
-    dataset = PhantomDataset(max(64, 4 * args.columns), size=args.size, seed=args.seed)
+    if not 0.0 <= args.hyperechoic <= 1.0:
+        parser.error(f"--hyperechoic must be in [0, 1], got {args.hyperechoic}")
+    dataset = PhantomDataset(max(64, 4 * args.columns), size=args.size, seed=args.seed,
+                             hyperechoic=args.hyperechoic)
     indices = pick_indices(dataset, args.columns)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

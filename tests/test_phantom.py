@@ -235,3 +235,16 @@ def test_render_script_draws_every_lesion_count(tmp_path: Path) -> None:
     assert len(red) == 1 and (indices[64:] == red[0]).any() and not (indices[:64] == red[0]).any()
     ds = PhantomDataset(64, size=64)
     assert sorted(ds.num_lesions(i) for i in script.pick_indices(ds, 4)) == [0, 1, 2, 3]
+
+
+def test_render_script_draws_the_hyperechoic_phantom(tmp_path: Path) -> None:
+    from examples import render_phantom as script
+
+    plain, bright = tmp_path / "plain.png", tmp_path / "bright.png"
+    assert script.main(["--out", str(plain), "--size", "64", "--columns", "4"]) == 0
+    assert script.main(["--out", str(bright), "--size", "64", "--columns", "4", "--hyperechoic", "1"]) == 0
+    with Image.open(plain) as a, Image.open(bright) as b:
+        top_a, top_b = np.asarray(a)[:64].astype(int), np.asarray(b)[:64].astype(int)
+    assert top_a.shape == top_b.shape and (top_b - top_a).mean() > 0  # brighter lesions, same layout
+    with pytest.raises(SystemExit):
+        script.main(["--out", str(bright), "--hyperechoic", "2"])
