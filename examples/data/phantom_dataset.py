@@ -32,9 +32,9 @@ class PhantomDataset(SegmentationDataset):
             "normal" class); False leaves them out, as BUSI runs leave out ``normal/``. Ids
             keep their index among all ``num_images``, so ``phantom/000003`` is the same image
             either way.
-        transform: applied to each :class:`RawSample`; default :class:`NormalizeTransform`.
         hyperechoic: the probability that a lesion is brighter than the tissue rather than
             darker (see :func:`render_phantom`); 0, the default, renders the images as before.
+        transform: applied to each :class:`RawSample`; default :class:`NormalizeTransform`.
         cache: keep each rendered image and mask (size² · 2 bytes per image, 128 KiB at 256 px)
             after its first load, so an epoch does not render the same image again; the items
             are the same either way. Subsets share their parent's cache.
