@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import time
+import re
 from pathlib import Path
 
 import numpy as np
@@ -208,17 +208,18 @@ def test_bad_arguments() -> None:
             PhantomDataset(3, size=64, hyperechoic=bad)  # type: ignore[arg-type]
 
 
-def test_fast_enough_for_two_cpu_cores() -> None:
-    ds = PhantomDataset(30, size=256)
-    ds.load(0)
-    times = []
-    for i in range(1, 21):
-        start = time.perf_counter()
-        ds.load(i)
-        times.append(time.perf_counter() - start)
-    median = float(np.median(times))
-    # about 5 ms on the 2-core CI machine; slack for a busy machine, the median for stalls
-    assert median < 0.03, f"{median * 1000:.1f} ms per 256x256 image"
+def test_render_script_times_renders_without_drawing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the render speed is a measurement (docs/data.md), not a timed assertion: only the output's form
+    from examples import render_phantom as script
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        assert script.main(["--time", "3", "--size", "64"]) == 0
+    assert not list(tmp_path.iterdir())  # nothing drawn
+    assert re.fullmatch(r"\d+\.\d ms per 64 x 64 image \(median of 3 renders, quartiles \d+\.\d-\d+\.\d ms\)\n",
+                        capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        script.main(["--time", "-1"])
 
 
 def test_render_script_draws_every_lesion_count(tmp_path: Path) -> None:
