@@ -18,6 +18,11 @@ It rebuilds the model and the fold's data from the configuration stored in the c
    the confidence threshold, how many of them are labelled lesion, their lesion precision and
    recall, and how much of the true lesion the threshold keeps. The forward is stage 1's:
    training mode, [labeled, unlabeled] in one batch, no gradient, on a copy of the model.
+4. ``--by-lesion-kind`` (the phantom with ``--phantom-hyperechoic``): the same forward on every
+   unlabeled image, whole and at the evaluation size, next to ``--batch`` labeled ones, scored at
+   full resolution separately on the bright (hyperechoic) and the dark lesion pixels: the share
+   predicted lesion, labelled lesion with confidence >= tau and labelled background with
+   confidence >= tau (what stage 2 then teaches), and the background's false positives.
 
 Everything runs on the CPU (a few minutes at BUSI sizes). Nothing is written to the checkpoint.
 """
@@ -35,6 +40,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cscpa_layers import pseudo_labels
@@ -42,6 +48,8 @@ from examples.engine.evaluate import evaluate
 from examples.data.samples import IGNORE_INDEX
 from examples.engine.streams import IndexStream, StreamBatches
 from examples.data.folds import fold_data, open_dataset
+from examples.data.phantom_dataset import PhantomDataset
+from examples.data.transforms import EvalTransform
 from examples.engine.batchnorm import reestimate_bn
 from examples.engine.checkpoint import read_checkpoint
 from examples.engine.config import TrainConfig
@@ -59,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=20,
                         help="training batches for the BN re-estimate and the pseudo-label statistics (default 20)")
     parser.add_argument("--test", action="store_true", help="also score the test split, as trained and with BN re-estimated")
+    parser.add_argument("--by-lesion-kind", action="store_true",
+                        help="hyperechoic phantom only: pseudo-label figures split into bright and dark lesions")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.batches < 1:
@@ -150,6 +160,39 @@ def pseudo_label_quality(model: nn.Module, batches: list[tuple[Any, Any]], thres
     }
 
 
+@torch.no_grad()
+def pseudo_labels_by_kind(model: nn.Module, data: Any, config: TrainConfig) -> dict[str, dict[str, float]]:
+    """Stage 1's forward on whole unlabeled images of a hyperechoic phantom, split by lesion kind.
+
+    Each unlabeled image is scored in a training-mode batch with ``config.batch`` labeled images
+    and ``config.batch - 1`` other unlabeled ones (all at the evaluation size), so BatchNorm sees
+    batch statistics of both halves as in training; logits are upsampled to the full mask.
+    """
+    size = config.eval_size or config.resize or config.crop
+    unlabeled, labeled = (part.with_transform(EvalTransform(size)) for part in (data.unlabeled, data.labeled))
+    model = copy.deepcopy(model).train()
+    n = config.batch
+    kinds = ("bright", "dark", "background")
+    counts = {k: dict.fromkeys(("pixels", "predicted", "confident_lesion", "confident_background"), 0) for k in kinds}
+    for j in range(len(unlabeled)):
+        images = [labeled[(j + k) % len(labeled)].image for k in range(n)]
+        images += [unlabeled[(j + k) % len(unlabeled)].image for k in range(n)]
+        logits = model(torch.stack(images)).logits[n : n + 1].float()  # image j, (1, 2, h, w)
+        bright = unlabeled.bright_lesions(j)
+        mask = unlabeled[j].full_mask == 1
+        probs = F.interpolate(logits, size=mask.shape, mode="bilinear", align_corners=False).softmax(1)[0]
+        regions = {"bright": bright & mask, "dark": mask & ~bright, "background": ~mask}
+        for kind, region in regions.items():
+            c = counts[kind]
+            c["pixels"] += int(region.sum())
+            c["predicted"] += int((region & (probs[1] > probs[0])).sum())
+            c["confident_lesion"] += int((region & (probs[1] >= config.threshold)).sum())
+            c["confident_background"] += int((region & (probs[0] >= config.threshold)).sum())
+    return {kind: {"pixels": c["pixels"], **{key: c[key] / c["pixels"] if c["pixels"] else float("nan")
+                                          for key in ("predicted", "confident_lesion", "confident_background")}}
+            for kind, c in counts.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.checkpoint.is_file():
@@ -162,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     if not split.is_file():
         raise SystemExit(f"the checkpoint's split file {split} is missing; pass the split with --split")
     data = fold_data(open_dataset(config), split, config)
+    if args.by_lesion_kind and not (isinstance(data.unlabeled, PhantomDataset) and config.phantom_hyperechoic > 0):
+        raise SystemExit("--by-lesion-kind needs a checkpoint trained on the phantom with --phantom-hyperechoic > 0, "
+                         f"this one used --data {config.data!r} with hyperechoic {config.phantom_hyperechoic}")
     report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "iteration": state.get("iteration")}
 
     def score(name: str, m: nn.Module, split: str = "val") -> None:
@@ -205,6 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{quality['lesion_kept_by_threshold']:.1%} of the true lesion pixels",
         flush=True,
     )
+    if args.by_lesion_kind:
+        kinds = pseudo_labels_by_kind(model, data, config)
+        report["by_lesion_kind"] = kinds
+        print(f"whole unlabeled images, {len(data.unlabeled)} (τ = {config.threshold}): predicted lesion / confident "
+              "lesion / confident background, share of each kind's pixels", flush=True)
+        for kind, figures in kinds.items():
+            print(f"  {kind:<10} {figures['pixels']:>9} px: {figures['predicted']:.3f} / "
+                  f"{figures['confident_lesion']:.3f} / {figures['confident_background']:.3f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

@@ -208,6 +208,25 @@ def test_bad_arguments() -> None:
             PhantomDataset(3, size=64, hyperechoic=bad)  # type: ignore[arg-type]
 
 
+def test_bright_lesions_are_the_hyperechoic_ones_of_the_mask() -> None:
+    plain, bright = PhantomDataset(20, size=96), PhantomDataset(20, size=96, hyperechoic=1.0)
+    half = PhantomDataset(20, size=96, hyperechoic=0.5)
+    both_kinds = 0
+    for i in range(20):
+        mask = bright.render(i).mask
+        assert torch.equal(half.render(i).mask, mask)  # same layout whatever the option
+        assert not plain.bright_lesions(i).any()
+        assert torch.equal(bright.bright_lesions(i), mask)  # every lesion pixel, margins included
+        some = half.bright_lesions(i)
+        assert not (some & ~mask).any()
+        dark = mask & ~some
+        if some.any() and dark.any():
+            both_kinds += 1
+            image = half.render(i, speckle=False).echogenicity
+            assert image[some].mean() > 2 * image[dark].mean()
+    assert both_kinds >= 1  # seed 0's first 20 images hold an image with a bright and a dark lesion
+
+
 def test_render_script_times_renders_without_drawing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # the render speed is a measurement (docs/data.md), not a timed assertion: only the output's form
     from examples import render_phantom as script

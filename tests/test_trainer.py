@@ -270,6 +270,31 @@ def test_diagnose_reports_on_a_cscpa_checkpoint(both_methods: Path, tmp_path: Pa
     assert 0.0 <= quality["valid_share"] <= 1.0 and 0.0 <= quality["lesion_share"] <= 1.0
 
 
+def test_diagnose_splits_pseudo_labels_by_lesion_kind(both_methods: Path) -> None:
+    import dataclasses
+
+    from examples import diagnose
+    from examples.data.folds import fold_data, open_dataset
+    from examples.engine.checkpoint import read_checkpoint
+    from examples.models.deeplab import DeepLabV3Plus
+    from examples.models.trained import trained_config
+
+    checkpoint = both_methods / "cscpa" / "fold0" / "last.pt"
+    with pytest.raises(SystemExit, match="--by-lesion-kind needs a checkpoint trained on the phantom with --phantom-hyperechoic"):
+        diagnose.main([str(checkpoint), "--batches", "1", "--by-lesion-kind"])  # trained on the plain phantom
+    state = read_checkpoint(checkpoint)
+    config = dataclasses.replace(trained_config(state), phantom_hyperechoic=1.0)  # every lesion bright
+    data = fold_data(open_dataset(config), both_methods / "splits.json", config)
+    kinds = diagnose.pseudo_labels_by_kind(DeepLabV3Plus.from_checkpoint(state), data, config)
+    lesion_pixels = sum(int(data.unlabeled.render(j).mask.sum()) for j in range(len(data.unlabeled)))
+    assert kinds["bright"]["pixels"] == lesion_pixels > 0 and kinds["dark"]["pixels"] == 0
+    assert np.isnan(kinds["dark"]["predicted"])
+    for kind in ("bright", "background"):
+        shares = kinds[kind]
+        assert 0.0 <= shares["confident_lesion"] <= shares["predicted"] <= 1.0
+        assert 0.0 <= shares["confident_lesion"] + shares["confident_background"] <= 1.0
+
+
 def test_diagnose_rejects_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:
     from examples import diagnose
 

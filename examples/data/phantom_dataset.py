@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from torchvision import tv_tensors
 
 from examples.data.base import SegmentationDataset, Transform
@@ -73,6 +74,21 @@ class PhantomDataset(SegmentationDataset):
         """The full :class:`PhantomImage` of item ``index`` of this (sub)set."""
         return render_phantom(phantom_seed(self.seed, self.items[index]), size=self.size, speckle=speckle,
                               hyperechoic=self.hyperechoic)
+
+    def bright_lesions(self, index: int) -> Tensor:
+        """(H, W) bool: the pixels of image ``index``'s mask that a hyperechoic lesion brightens.
+
+        The layout and textures do not depend on ``hyperechoic`` (its draws use their own
+        generator), so comparing the image's noise-free echogenicity with the plain render's
+        finds them: a bright lesion raises it 4x or more, the 1.5x cut-off leaves margins in.
+        All False at ``hyperechoic=0``; the whole mask at 1.
+        """
+        seed = phantom_seed(self.seed, self.items[index])
+        rendered = render_phantom(seed, size=self.size, speckle=False, hyperechoic=self.hyperechoic)
+        if not self.hyperechoic:
+            return torch.zeros_like(rendered.mask)
+        plain = render_phantom(seed, size=self.size, speckle=False)
+        return rendered.mask & (rendered.echogenicity > 1.5 * plain.echogenicity)
 
     def num_lesions(self, index: int) -> int:
         """Lesions in image ``index`` (cheap: no rendering)."""
