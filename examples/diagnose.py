@@ -19,10 +19,11 @@ It rebuilds the model and the fold's data from the configuration stored in the c
    recall, and how much of the true lesion the threshold keeps. The forward is stage 1's:
    training mode, [labeled, unlabeled] in one batch, no gradient, on a copy of the model.
 4. ``--by-lesion-kind`` (the phantom with ``--phantom-hyperechoic``): the same forward on every
-   unlabeled image, whole and at the evaluation size, next to ``--batch`` labeled ones, scored at
-   full resolution separately on the bright (hyperechoic) and the dark lesion pixels: the share
-   predicted lesion, labelled lesion with confidence >= tau and labelled background with
-   confidence >= tau (what stage 2 then teaches), and the background's false positives.
+   unlabeled image, whole and at the evaluation size, beside as many labeled images as the run's
+   batch, scored at full resolution separately on the bright (hyperechoic) lesion, the dark
+   lesion and the background pixels: the share predicted lesion, labelled lesion with confidence
+   >= tau and labelled background with confidence >= tau (what stage 2 then teaches; the
+   confidence threshold of the run, whatever its ``--reliability`` rule).
 
 Everything runs on the CPU (a few minutes at BUSI sizes). Nothing is written to the checkpoint.
 """
