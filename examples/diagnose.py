@@ -176,19 +176,22 @@ def pseudo_labels_by_kind(model: nn.Module, data: Any, config: TrainConfig) -> d
     kinds = ("bright", "dark", "background")
     counts = {k: dict.fromkeys(("pixels", "predicted", "confident_lesion", "confident_background"), 0) for k in kinds}
     for j in range(len(unlabeled)):
-        images = [labeled[(j + k) % len(labeled)].image for k in range(n)]
-        images += [unlabeled[(j + k) % len(unlabeled)].image for k in range(n)]
+        sample = unlabeled[j]
+        images = [labeled[(j + k) % len(labeled)].image for k in range(n)] + [sample.image]
+        images += [unlabeled[(j + k) % len(unlabeled)].image for k in range(1, n)]
         logits = model(torch.stack(images)).logits[n : n + 1].float()  # image j, (1, 2, h, w)
+        mask = sample.full_mask == 1
+        full = F.interpolate(logits, size=mask.shape, mode="bilinear", align_corners=False)
+        labels = pseudo_labels(full, threshold=config.threshold)  # the trainer's rule, at full resolution
+        lesion, valid = labels.labels[0] == 1, labels.valid[0]
         bright = unlabeled.bright_lesions(j)
-        mask = unlabeled[j].full_mask == 1
-        probs = F.interpolate(logits, size=mask.shape, mode="bilinear", align_corners=False).softmax(1)[0]
         regions = {"bright": bright & mask, "dark": mask & ~bright, "background": ~mask}
         for kind, region in regions.items():
             c = counts[kind]
             c["pixels"] += int(region.sum())
-            c["predicted"] += int((region & (probs[1] > probs[0])).sum())
-            c["confident_lesion"] += int((region & (probs[1] >= config.threshold)).sum())
-            c["confident_background"] += int((region & (probs[0] >= config.threshold)).sum())
+            c["predicted"] += int((region & lesion).sum())
+            c["confident_lesion"] += int((region & lesion & valid).sum())
+            c["confident_background"] += int((region & ~lesion & valid).sum())
     return {kind: {"pixels": c["pixels"], **{key: c[key] / c["pixels"] if c["pixels"] else float("nan")
                                           for key in ("predicted", "confident_lesion", "confident_background")}}
             for kind, c in counts.items()}

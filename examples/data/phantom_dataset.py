@@ -83,10 +83,10 @@ class PhantomDataset(SegmentationDataset):
         finds them: a bright lesion raises it 4x or more, the 1.5x cut-off leaves margins in.
         All False at ``hyperechoic=0``; the whole mask at 1.
         """
+        if not self.hyperechoic:
+            return torch.zeros(self.size, self.size, dtype=torch.bool)
         seed = phantom_seed(self.seed, self.items[index])
         rendered = render_phantom(seed, size=self.size, speckle=False, hyperechoic=self.hyperechoic)
-        if not self.hyperechoic:
-            return torch.zeros_like(rendered.mask)
         plain = render_phantom(seed, size=self.size, speckle=False)
         return rendered.mask & (rendered.echogenicity > 1.5 * plain.echogenicity)
 
