@@ -3,7 +3,7 @@
 Two rules decide which pseudo-labels count:
 
 - the paper's: a pixel counts when its max softmax is at least tau = 0.8
-  (:func:`pseudo_labels`, field ``valid``);
+  (:func:`pseudo_labels`, field ``valid``); one tau per class is our option;
 - the one the authors ran, from U2PL: the ``keep_percent`` % lowest-entropy pixels of the whole
   batch count, with keep_percent rising from 80 to 100 over training
   (:func:`entropy_keep_mask` with :func:`keep_percent_schedule`).
@@ -15,6 +15,7 @@ The masking schedule of Sec. 3.4, :func:`keep_hard_schedule`, lives with the mas
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -38,7 +39,8 @@ class PseudoLabels(NamedTuple):
     Attributes:
         labels: (B, H, W) int64, the argmax class.
         confidence: (B, H, W) float, the max softmax probability, in [0, 1].
-        valid: (B, H, W) bool, ``confidence >= threshold``.
+        valid: (B, H, W) bool, ``confidence >= threshold`` (of the pixel's class, when one
+            threshold is given per class).
     """
 
     labels: Tensor
@@ -53,16 +55,21 @@ def _check_logits(logits: Tensor) -> None:
         raise ValueError(f"logits must have at least one class (K >= 1), got shape {tuple(logits.shape)}")
 
 
-def pseudo_labels(logits: Tensor, *, threshold: float = 0.8) -> PseudoLabels:
+def pseudo_labels(logits: Tensor, *, threshold: float | Sequence[float] = 0.8) -> PseudoLabels:
     r"""Argmax pseudo-labels, their confidence and the paper's reliability rule.
 
     :math:`\hat y(p) = \arg\max_k P_k(p)`, :math:`c(p) = \max_k P_k(p)` with
     :math:`P = \mathrm{softmax}(\text{logits})`, valid where :math:`c(p) \ge \tau`. Computed
     without gradient: pseudo-labels are targets.
 
+    With one threshold per class, :math:`\tau_k` for :math:`k = 0, \dots, K-1`, a pixel is valid
+    where :math:`c(p) \ge \tau_{\hat y(p)}`: the threshold of the class it is labelled. That is
+    our option, not the paper's (which has one tau); a lower threshold for a rare foreground
+    class lets more of its pixels count without admitting more background.
+
     Args:
         logits: (B, K, H, W) float logits of f(x^u).
-        threshold: tau, in [0, 1].
+        threshold: tau in [0, 1], or a sequence of K such values, one per class.
 
     Returns:
         :class:`PseudoLabels` with ``labels`` (B, H, W) int64, ``confidence`` (B, H, W) in the
@@ -73,12 +80,34 @@ def pseudo_labels(logits: Tensor, *, threshold: float = 0.8) -> PseudoLabels:
         >>> out = pseudo_labels(logits)
         >>> out.labels.tolist(), out.valid.tolist()
         ([[[0, 1]]], [[[True, False]]])
+        >>> pseudo_labels(logits, threshold=(0.8, 0.5)).valid.tolist()  # class 1 at tau 0.5
+        [[[True, True]]]
     """
     _check_logits(logits)
-    check_range(threshold, "threshold", 0.0, 1.0)
+    taus = _checked_thresholds(threshold, logits.shape[1])
     with torch.no_grad():
         confidence, labels = logits.detach().softmax(1).max(1)  # each (B, H, W)
-        return PseudoLabels(labels, confidence, confidence >= threshold)
+        if isinstance(taus, float):
+            return PseudoLabels(labels, confidence, confidence >= taus)
+        per_class = torch.tensor(taus, dtype=confidence.dtype, device=confidence.device)
+        return PseudoLabels(labels, confidence, confidence >= per_class[labels])
+
+
+def _checked_thresholds(threshold: float | Sequence[float], num_classes: int) -> float | list[float]:
+    """Check ``threshold``: one float, or the list of K per-class values."""
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        check_range(threshold, "threshold", 0.0, 1.0)
+        return float(threshold)
+    if isinstance(threshold, (str, bytes)) or not isinstance(threshold, Sequence):
+        raise TypeError(f"threshold must be a number or a sequence of K numbers, got {type(threshold).__name__}")
+    values = list(threshold)
+    if len(values) != num_classes:
+        raise ValueError(
+            f"threshold must hold one value per class: expected K = {num_classes} values, got {len(values)}"
+        )
+    for k, value in enumerate(values):
+        check_range(value, f"threshold[{k}]", 0.0, 1.0)
+    return [float(v) for v in values]
 
 
 def entropy_keep_mask(logits: Tensor, *, keep_percent: float) -> Tensor:

@@ -89,6 +89,37 @@ def test_unsup_weight_scales_the_pseudo_label_terms(unsup_weight: float) -> None
     assert stats.loss == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
+def test_lesion_threshold_applies_to_pixels_labelled_lesion_only() -> None:
+    torch.manual_seed(0)
+    net = Net()
+    x_l, y_l, x_u = _batch()
+    with torch.no_grad():  # stage 1's pseudo-labels come from this forward, before any step
+        predicted = net(torch.cat([x_l, x_u])).logits[x_l.shape[0]:].argmax(1)
+    lesion_share = predicted.eq(1).float().mean().item()
+    assert 0.0 < lesion_share < 1.0
+
+    def reliable(threshold: float, lesion_threshold: float | None = None) -> float:
+        model = Net()
+        model.load_state_dict(net.state_dict())
+        step = CSCPAStep(model, torch.optim.SGD(model.parameters(), lr=0.1), container=None,
+                         options=CSCPAOptions(patch_size=4, threshold=threshold, lesion_threshold=lesion_threshold))
+        return step.train_step(x_l, y_l, x_u, epoch=0, epochs=4, generator=torch.Generator().manual_seed(0)).pseudo_valid
+
+    # background never reaches tau = 1 (two classes); every lesion pixel reaches 0
+    assert reliable(threshold=1.0, lesion_threshold=0.0) == pytest.approx(lesion_share, abs=1e-6)
+    assert reliable(threshold=1.0) == 0.0
+    assert reliable(threshold=0.6, lesion_threshold=0.6) == reliable(threshold=0.6)
+
+
+def test_bad_lesion_threshold_fails_when_the_options_are_built() -> None:
+    with pytest.raises(ValueError, match=r"lesion_threshold must be in \[0.0, 1.0\], got 1.5"):
+        CSCPAOptions(lesion_threshold=1.5)
+    with pytest.raises(ValueError, match=r"lesion_threshold needs reliability 'threshold', got 'entropy'"):
+        CSCPAOptions(lesion_threshold=0.5, reliability="entropy")
+    assert CSCPAOptions(threshold=0.8, lesion_threshold=0.5).pseudo_label_thresholds == (0.8, 0.5)
+    assert CSCPAOptions(threshold=0.7).pseudo_label_thresholds == 0.7
+
+
 def test_supervised_step_is_cross_entropy_only() -> None:
     net = Net()
     step = CSCPAStep(net, torch.optim.SGD(net.parameters(), lr=0.1), container=None)

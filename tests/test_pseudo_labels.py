@@ -37,6 +37,27 @@ def pseudo_label_calls(draw: st.DrawFn) -> Call:
     return Call((torch.randn(b, k, h, w),), {"threshold": draw(st.floats(0.0, 1.0))})
 
 
+@st.composite
+def per_class_calls(draw: st.DrawFn) -> Call:
+    b, k, h, w = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 16)), draw(st.integers(1, 16))
+    taus = draw(st.lists(st.floats(0.0, 1.0), min_size=k, max_size=k))
+    return Call((torch.randn(b, k, h, w) * 2,), {"threshold": draw(st.sampled_from([taus, tuple(taus)]))})
+
+
+def _dense_valid(logits: torch.Tensor, threshold: float | list[float] | tuple[float, ...]) -> torch.Tensor:
+    """Pixel by pixel: the softmax's max against the threshold of its argmax class."""
+    probs = logits.softmax(1)
+    b, k, h, w = logits.shape
+    taus = [threshold] * k if isinstance(threshold, float) else list(threshold)
+    valid = torch.zeros(b, h, w, dtype=torch.bool)
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                column = probs[i, :, y, x]
+                valid[i, y, x] = bool(column.max() >= taus[int(column.argmax())])
+    return valid
+
+
 class TestPseudoLabelsOp(OpTester):
     function = staticmethod(pseudo_labels)
     not_applicable = {
@@ -51,11 +72,17 @@ class TestPseudoLabelsOp(OpTester):
             BadInput("integer", lambda: pseudo_labels(torch.ones(1, 2, 3, 3, dtype=torch.long)), ValueError, r"floating-point"),
             BadInput("threshold", lambda: pseudo_labels(torch.randn(1, 2, 3, 3), threshold=1.1), ValueError,
                      r"threshold must be in \[0.0, 1.0\], got 1.1"),
+            BadInput("threshold-count", lambda: pseudo_labels(torch.randn(1, 2, 3, 3), threshold=[0.8, 0.5, 0.5]),
+                     ValueError, r"one value per class: expected K = 2 values, got 3"),
+            BadInput("threshold-item", lambda: pseudo_labels(torch.randn(1, 2, 3, 3), threshold=[0.8, -0.1]),
+                     ValueError, r"threshold\[1\] must be in \[0.0, 1.0\], got -0.1"),
+            BadInput("threshold-str", lambda: pseudo_labels(torch.randn(1, 2, 3, 3), threshold="0.8"),  # type: ignore[arg-type]
+                     TypeError, r"threshold must be a number or a sequence of K numbers, got str"),
             BadInput("no-class", lambda: pseudo_labels(torch.randn(1, 0, 3, 3)), ValueError, r"at least one class"),
         ]
 
     def strategies(self) -> dict[str, st.SearchStrategy[Call]]:
-        return {"logits-thresholds": pseudo_label_calls()}
+        return {"logits-thresholds": pseudo_label_calls(), "per-class-thresholds": per_class_calls()}
 
     def check_output(self, call: Call, out: PseudoLabels) -> None:
         logits, threshold = call.args[0], call.kwargs["threshold"]
@@ -64,10 +91,16 @@ class TestPseudoLabelsOp(OpTester):
             assert field.shape == (b, h, w)
         assert torch.equal(out.labels, logits.argmax(1))
         assert ((out.confidence >= 1 / k - 1e-6) & (out.confidence <= 1)).all()
-        assert torch.equal(out.valid, out.confidence >= threshold)
+        if isinstance(threshold, float):
+            assert torch.equal(out.valid, out.confidence >= threshold)
+        else:  # per class: each pixel against its own class's tau, as a dense loop does it
+            assert torch.equal(out.valid, _dense_valid(logits, threshold))
 
     def compile_cases(self) -> list[RunCase]:
-        return [RunCase("logits", lambda: (pseudo_labels, Call((torch.randn(2, 3, 5, 7),), {"threshold": 0.6})))]
+        return [
+            RunCase("logits", lambda: (pseudo_labels, Call((torch.randn(2, 3, 5, 7),), {"threshold": 0.6}))),
+            RunCase("per-class", lambda: (pseudo_labels, Call((torch.randn(2, 3, 5, 7),), {"threshold": (0.9, 0.4, 0.6)}))),
+        ]
 
     def device_cases(self) -> list[RunCase]:
         return [RunCase("logits", lambda: (pseudo_labels, Call((torch.randn(3, 2, 17, 19),))), tol={"atol": 1e-5, "rtol": 1.3e-6})]
@@ -161,6 +194,19 @@ def test_pseudo_labels_hand_computed() -> None:
 def test_threshold_is_inclusive() -> None:
     out = pseudo_labels(torch.zeros(1, 2, 2, 2), threshold=0.5)  # two equal logits: confidence 0.5
     assert out.valid.all() and out.labels.eq(0).all()
+
+
+def test_per_class_thresholds_hand_computed() -> None:
+    # two pixels at confidence 0.6 (logit gap log 1.5), one labelled background and one lesion
+    gap = math.log(1.5)
+    logits = torch.tensor([[[[gap, 0.0]], [[0.0, gap]]]])  # (1, 2, 1, 2)
+    out = pseudo_labels(logits, threshold=(0.8, 0.5))
+    torch.testing.assert_close(out.confidence, torch.full((1, 1, 2), 0.6))
+    assert out.labels.tolist() == [[[0, 1]]]
+    assert out.valid.tolist() == [[[False, True]]]  # 0.6 < 0.8 for background, >= 0.5 for lesion
+    assert pseudo_labels(logits, threshold=(0.5, 0.8)).valid.tolist() == [[[True, False]]]
+    # equal thresholds are the one-threshold rule
+    assert torch.equal(pseudo_labels(logits, threshold=[0.6, 0.6]).valid, pseudo_labels(logits, threshold=0.6).valid)
 
 
 def test_pseudo_labels_are_detached() -> None:

@@ -123,6 +123,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     threshold: float = cli(0.8, "pseudo-label confidence tau (default %(default)s)", group="method")
+    lesion_threshold: float | None = cli(None, "pseudo-label confidence for pixels labelled lesion; background keeps "
+                                         "--threshold (default: --threshold, the paper's one tau)", group="method",
+                                         kind=float, metavar="TAU")
     unsup_weight: float = cli(1.0, "weight of stage 2's pseudo-label terms CE_u and PAL_u; 0 trains on the labeled "
                               "images only while the unlabeled ones still act through FPA and EPA (default "
                               "%(default)s, the paper's)", group="method")

@@ -167,8 +167,8 @@ class CSCPAStep(Step):
             logits_u = out1.logits[n:].detach().float()
             low_logits_u = out1.low_res_logits[n:].detach().float()
             target_features = out1.features[n:].detach().float()
-            full = pseudo_labels(logits_u, threshold=options.threshold)
-            low = pseudo_labels(low_logits_u, threshold=options.threshold)
+            full = pseudo_labels(logits_u, threshold=options.pseudo_label_thresholds)
+            low = pseudo_labels(low_logits_u, threshold=options.pseudo_label_thresholds)
             if options.reliability == "entropy":
                 percent = keep_percent_schedule(epoch, epochs)
                 full_valid = entropy_keep_mask(logits_u, keep_percent=percent)

@@ -55,18 +55,34 @@ class CSCPAOptions:
     pal_weight: float = 1.0
     unsup_weight: float = TrainConfig.unsup_weight
     threshold: float = TrainConfig.threshold  # pseudo-label confidence tau
+    lesion_threshold: float | None = None  # tau for pixels labelled lesion; None: ``threshold``
     reliability: str = TrainConfig.reliability  # "threshold" (paper) or "entropy" (authors' code, U2PL)
     patch_size: int = TrainConfig.crop // 9
     mask_ratio: float = TrainConfig.mask_ratio
     keep_hard: float = TrainConfig.keep_hard  # k at the start of training, decays as k (1 - t/T)
     edge_samples: int = 256  # n edge candidates drawn per image set
 
+    def __post_init__(self) -> None:
+        # fail at start-up, not when stage 2 first asks for pseudo-labels
+        if self.lesion_threshold is not None:
+            if not 0.0 <= self.lesion_threshold <= 1.0:
+                raise ValueError(f"lesion_threshold must be in [0.0, 1.0], got {self.lesion_threshold}")
+            if self.reliability != "threshold":
+                raise ValueError(f"lesion_threshold needs reliability 'threshold', got {self.reliability!r}: the "
+                                 "entropy rule keeps pixels by entropy, not by a confidence threshold")
+
+    @property
+    def pseudo_label_thresholds(self) -> float | tuple[float, float]:
+        """``pseudo_labels``'s threshold: tau, or (tau, lesion tau) for background and lesion."""
+        return self.threshold if self.lesion_threshold is None else (self.threshold, self.lesion_threshold)
+
     @classmethod
     def from_config(cls, config: TrainConfig) -> "CSCPAOptions":
         """The options of ``config``'s method: SupOnly has neither PAL nor masking."""
         return cls(
             pal=config.semi_supervised and config.pal, masking=config.semi_supervised and config.masking,
-            threshold=config.threshold, unsup_weight=config.unsup_weight, reliability=config.reliability,
+            threshold=config.threshold, lesion_threshold=config.lesion_threshold, unsup_weight=config.unsup_weight,
+            reliability=config.reliability,
             patch_size=config.patch_size or max(1, config.crop // 9), mask_ratio=config.mask_ratio,
             keep_hard=config.keep_hard,
         )
