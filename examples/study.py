@@ -64,8 +64,9 @@ _OWN = ("--method", "--fold", "--folds", "--resume", "--out", "--labeled", "--da
 # Settings that do not change what a unit computes, and those SupOnly never reads: a change of
 # tau, say, leaves the finished SupOnly units valid.
 _NOT_COMPARED = ("resume", "out", "workers", "device", "stop_after", "overlays", "save_every")
-_CSCPA_ONLY = ("fpa", "epa", "pal", "masking", "threshold", "lesion_threshold", "unsup_weight", "reliability",
-               "patch_size", "mask_ratio", "keep_hard", "fpa_eval", "epa_gate", "fpa_kv_stride", "pretrain_epochs")
+_CSCPA_ONLY = ("fpa", "epa", "pal", "masking", "threshold", "lesion_threshold", "unsup_weight", "unsup_rampup",
+               "reliability", "patch_size", "mask_ratio", "keep_hard", "fpa_eval", "epa_gate", "fpa_kv_stride",
+               "pretrain_epochs")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:

@@ -89,6 +89,24 @@ def test_unsup_weight_scales_the_pseudo_label_terms(unsup_weight: float) -> None
     assert stats.loss == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize(("epoch", "factor"), [(3, 1 / 3), (4, 2 / 3), (5, 1.0), (9, 1.0)])
+def test_unsup_rampup_raises_the_pseudo_label_weight_per_stage_2_epoch(epoch: int, factor: float) -> None:
+    torch.manual_seed(0)
+    net = Net()
+    options = CSCPAOptions(patch_size=4, threshold=0.5, unsup_weight=1.5, unsup_rampup=3)
+    step = CSCPAStep(net, torch.optim.SGD(net.parameters(), lr=0.1), container=None, options=options,
+                     pretrain_epochs=3, epochs=10)
+    x_l, y_l, x_u = _batch()
+    stats = step.train_step(x_l, y_l, x_u, epoch=epoch, epochs=10, generator=torch.Generator().manual_seed(0))
+    assert stats.ce_unlabeled > 0
+    expected = stats.ce_labeled + stats.pal_labeled + 1.5 * factor * (stats.ce_unlabeled + stats.pal_unlabeled)
+    assert stats.loss == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert [options.unsup_weight_at(k) for k in range(4)] == pytest.approx([0.5, 1.0, 1.5, 1.5])
+    assert CSCPAOptions(unsup_weight=2.0).unsup_weight_at(0) == 2.0  # 0: off, the paper's
+    with pytest.raises(ValueError, match=r"unsup_rampup must be >= 0 \(0: off\), got -1"):
+        CSCPAOptions(unsup_rampup=-1)
+
+
 def test_lesion_threshold_applies_to_pixels_labelled_lesion_only() -> None:
     torch.manual_seed(0)
     net = Net()

@@ -245,7 +245,7 @@ def test_help_documents_every_flag() -> None:
     for flag in ("--method", "--no-fpa", "--no-epa", "--no-pal", "--no-masking", "--data", "--split", "--fold", "--labeled",
                  "--backbone", "--crop", "--epochs", "--pretrain-epochs", "--batch", "--lr", "--seed", "--device", "--amp",
                  "--out", "--resume", "--workers", "--sync-bn", "--unsup-weight", "--precise-bn", "--preset",
-                 "--head-channels", "--backbone-lr", "--epa-gate"):
+                 "--head-channels", "--backbone-lr", "--epa-gate", "--lesion-threshold", "--unsup-rampup"):
         assert flag in result.stdout, flag
 
 
@@ -254,6 +254,18 @@ def test_unsup_weight_must_be_finite_and_not_negative(value: str, capsys: pytest
     with pytest.raises(SystemExit):
         parse_args(["--unsup-weight", value])
     assert "--unsup-weight must be a finite number >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--unsup-rampup", "-1"], "--unsup-rampup must be >= 0 (0: off), got -1"),
+    (["--lesion-threshold", "1.5"], "--lesion-threshold must be in [0, 1], got 1.5"),
+    (["--lesion-threshold", "0.5", "--reliability", "entropy"], "--lesion-threshold needs --reliability threshold"),
+])
+def test_pseudo_label_options_are_checked_at_parse_time(argv: list[str], message: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_diagnose_reports_on_a_cscpa_checkpoint(both_methods: Path, tmp_path: Path) -> None:

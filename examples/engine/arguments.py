@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         p.error(f"--phantom-hyperechoic must be in [0, 1], got {args.phantom_hyperechoic}")
     if not 0.0 <= args.unsup_weight < float("inf"):
         p.error(f"--unsup-weight must be a finite number >= 0, got {args.unsup_weight}")
+    if args.unsup_rampup < 0:
+        p.error(f"--unsup-rampup must be >= 0 (0: off), got {args.unsup_rampup}")
+    if args.lesion_threshold is not None and not 0.0 <= args.lesion_threshold <= 1.0:
+        p.error(f"--lesion-threshold must be in [0, 1], got {args.lesion_threshold}")
+    if args.lesion_threshold is not None and args.reliability != "threshold":
+        p.error(f"--lesion-threshold needs --reliability threshold, got {args.reliability}")
     return args
 
 

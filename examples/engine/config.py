@@ -129,6 +129,9 @@ class TrainConfig:
     unsup_weight: float = cli(1.0, "weight of stage 2's pseudo-label terms CE_u and PAL_u; 0 trains on the labeled "
                               "images only while the unlabeled ones still act through FPA and EPA (default "
                               "%(default)s, the paper's)", group="method")
+    unsup_rampup: int = cli(0, "stage 2's first N epochs raise the weight of CE_u and PAL_u linearly to "
+                            "--unsup-weight (epoch k of stage 2 at k / N), so the pseudo-label terms do not start all "
+                            "at once; 0: off, the paper's (default %(default)s)", group="method", metavar="N")
     reliability: str = cli("threshold", "pseudo-label rule: the paper's confidence threshold, or the authors' entropy "
                            "percentile (default %(default)s)", group="method", choices=("threshold", "entropy"))
     patch_size: int | None = cli(None, "masking patch side in pixels (default crop // 9, the paper's 9x9 grid)",

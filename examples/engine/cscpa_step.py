@@ -204,7 +204,9 @@ class CSCPAStep(Step):
         # With no reliable pixel, CE over zero targets is NaN by definition: use a zero that
         # stays connected to the graph instead.
         ce_u = torch.where(full_valid.any(), ce_u, out2.logits.sum() * 0.0)
-        loss = ce_l + options.unsup_weight * ce_u
+        # the ramp counts stage-2 epochs: int(epoch) - pretrain_epochs is 0 in the first one
+        unsup_weight = options.unsup_weight_at(max(0, int(epoch) - self.pretrain_epochs))
+        loss = ce_l + unsup_weight * ce_u
         pal_u = loss.new_zeros(())
         if options.pal:
             pal_u = self.pal(
@@ -213,7 +215,7 @@ class CSCPAStep(Step):
                 confidence=low_valid.float(),
                 target_features=target_features,
             )
-            loss = loss + options.pal_weight * (pal_l + options.unsup_weight * pal_u)
+            loss = loss + options.pal_weight * (pal_l + unsup_weight * pal_u)
         if not torch.isfinite(loss):
             if stored is not None and self.container is not None:  # undo the update; keep stage 1's step
                 with torch.no_grad():

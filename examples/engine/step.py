@@ -56,6 +56,7 @@ class CSCPAOptions:
     unsup_weight: float = TrainConfig.unsup_weight
     threshold: float = TrainConfig.threshold  # pseudo-label confidence tau
     lesion_threshold: float | None = None  # tau for pixels labelled lesion; None: ``threshold``
+    unsup_rampup: int = 0  # stage-2 epochs over which unsup_weight rises linearly; 0: off
     reliability: str = TrainConfig.reliability  # "threshold" (paper) or "entropy" (authors' code, U2PL)
     patch_size: int = TrainConfig.crop // 9
     mask_ratio: float = TrainConfig.mask_ratio
@@ -64,12 +65,20 @@ class CSCPAOptions:
 
     def __post_init__(self) -> None:
         # fail at start-up, not when stage 2 first asks for pseudo-labels
+        if self.unsup_rampup < 0:
+            raise ValueError(f"unsup_rampup must be >= 0 (0: off), got {self.unsup_rampup}")
         if self.lesion_threshold is not None:
             if not 0.0 <= self.lesion_threshold <= 1.0:
                 raise ValueError(f"lesion_threshold must be in [0.0, 1.0], got {self.lesion_threshold}")
             if self.reliability != "threshold":
                 raise ValueError(f"lesion_threshold needs reliability 'threshold', got {self.reliability!r}: the "
                                  "entropy rule keeps pixels by entropy, not by a confidence threshold")
+
+    def unsup_weight_at(self, stage2_epoch: int) -> float:
+        """The weight of CE_u and PAL_u in stage 2's epoch ``stage2_epoch`` (0 = its first)."""
+        if self.unsup_rampup <= 0:
+            return self.unsup_weight
+        return self.unsup_weight * min(1.0, (stage2_epoch + 1) / self.unsup_rampup)
 
     @property
     def pseudo_label_thresholds(self) -> float | tuple[float, float]:
@@ -82,7 +91,7 @@ class CSCPAOptions:
         return cls(
             pal=config.semi_supervised and config.pal, masking=config.semi_supervised and config.masking,
             threshold=config.threshold, lesion_threshold=config.lesion_threshold, unsup_weight=config.unsup_weight,
-            reliability=config.reliability,
+            reliability=config.reliability, unsup_rampup=config.unsup_rampup,
             patch_size=config.patch_size or max(1, config.crop // 9), mask_ratio=config.mask_ratio,
             keep_hard=config.keep_hard,
         )
