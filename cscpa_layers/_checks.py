@@ -93,7 +93,7 @@ def check_range(value: float, name: str, low: float, high: float, *, low_open: b
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     below = value <= low if low_open else value < low
-    if below or value > high:
+    if below or value > high or value != value:  # NaN compares False both ways: name it too
         bracket = "(" if low_open else "["
         raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
 

@@ -72,6 +72,8 @@ class TestPseudoLabelsOp(OpTester):
             BadInput("integer", lambda: pseudo_labels(torch.ones(1, 2, 3, 3, dtype=torch.long)), ValueError, r"floating-point"),
             BadInput("threshold", lambda: pseudo_labels(torch.randn(1, 2, 3, 3), threshold=1.1), ValueError,
                      r"threshold must be in \[0.0, 1.0\], got 1.1"),
+            BadInput("threshold-nan", lambda: pseudo_labels(torch.randn(1, 2, 3, 3), threshold=float("nan")), ValueError,
+                     r"threshold must be in \[0.0, 1.0\], got nan"),
             BadInput("threshold-count", lambda: pseudo_labels(torch.randn(1, 2, 3, 3), threshold=[0.8, 0.5, 0.5]),
                      ValueError, r"one value per class: expected K = 2 values, got 3"),
             BadInput("threshold-item", lambda: pseudo_labels(torch.randn(1, 2, 3, 3), threshold=[0.8, -0.1]),
