@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cscpa_layers import AdaptiveEdgeContainer
+from cscpa_layers._checks import check_range
 from examples.data.samples import IGNORE_INDEX
 from examples.engine.config import TrainConfig
 
@@ -68,8 +69,7 @@ class CSCPAOptions:
         if self.unsup_rampup < 0:
             raise ValueError(f"unsup_rampup must be >= 0 (0: off), got {self.unsup_rampup}")
         if self.lesion_threshold is not None:
-            if not 0.0 <= self.lesion_threshold <= 1.0:
-                raise ValueError(f"lesion_threshold must be in [0.0, 1.0], got {self.lesion_threshold}")
+            check_range(self.lesion_threshold, "lesion_threshold", 0.0, 1.0)
             if self.reliability != "threshold":
                 raise ValueError(f"lesion_threshold needs reliability 'threshold', got {self.reliability!r}: the "
                                  "entropy rule keeps pixels by entropy, not by a confidence threshold")
