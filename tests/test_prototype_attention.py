@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -14,7 +15,10 @@ from cscpa_layers import (
     correlation_map,
     foreground_prototype_attention,
 )
+import cscpa_layers._shared_score_attention as shared_module
+import cscpa_layers.prototype_attention as fpa_module
 from cscpa_layers._prototype_tokens import prototype_tokens
+from cscpa_layers._shared_score_attention import shared_score_attention
 from cscpa_layers._reference.prototype_attention import (
     channel_prototypes_dense,
     correlation_map_dense,
@@ -121,6 +125,11 @@ class TestForegroundPrototypeAttentionOp(OpTester):
             BadInput("eval_pairing", lambda: layer(4, eval_pairing="mean"), ValueError,
                      r"eval_pairing must be one of 'identity', 'self', got 'mean'"),
             BadInput("key_channels", lambda: layer(4, key_channels=0), ValueError, r"key_channels must be a positive int, got 0"),
+            BadInput("kernel", lambda: layer(4, kernel="flash"), ValueError, r"kernel must be one of 'auto', 'sdpa', 'shared', got 'flash'"),
+            BadInput("kernel-shared-with-partner", lambda: layer(4, kernel="shared")(torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)),
+                     ValueError, r"kernel='shared' needs the batch halves paired \(partner=None\) and kv_stride=1, got partner=a tensor"),
+            BadInput("kernel-shared-with-kv_stride", lambda: layer(4, kernel="shared", kv_stride=2)(torch.randn(2, 4, 2, 2)),
+                     ValueError, r"kernel='shared' needs .* got partner=None and kv_stride=2"),
             BadInput("kv_stride", lambda: layer(4, kv_stride=0), ValueError, r"kv_stride must be a positive int, got 0"),
             BadInput("kv_stride-type", lambda: layer(4, kv_stride=2.0), TypeError, r"kv_stride must be an int, got float"),  # type: ignore[arg-type]
             BadInput("channels-type", lambda: layer(4.0), TypeError, r"channels must be an int, got float"),  # type: ignore[arg-type]
@@ -227,6 +236,9 @@ class TestForegroundPrototypeAttentionOp(OpTester):
             # kv_stride is shown only when it is not the paper's 1
             ReprCase("kv_stride", lambda: ForegroundPrototypeAttention(4, kv_stride=2), ("kv_stride=2",)),
             ReprCase("kv_stride-default", lambda: ForegroundPrototypeAttention(4), ("channels=4",), absent=("kv_stride",)),
+            # kernel is shown only when it is not "auto"
+            ReprCase("kernel", lambda: ForegroundPrototypeAttention(4, kernel="sdpa"), ("kernel='sdpa'",)),
+            ReprCase("kernel-default", lambda: ForegroundPrototypeAttention(4), ("channels=4",), absent=("kernel",)),
         ]
 
     def state_cases(self) -> list[StateCase]:
@@ -455,7 +467,7 @@ def test_cpu_runs_on_the_flash_kernel_alone(kv_stride: int) -> None:
     # With only FLASH_ATTENTION allowed, a fallback to the math kernel (which materialises the
     # N x N matrix) would raise instead of running silently. With kv_stride the pooled keys and
     # values must keep a unit stride along d for that (they once did not: the math kernel ran).
-    layer = ForegroundPrototypeAttention(8, kv_stride=kv_stride)
+    layer = ForegroundPrototypeAttention(8, kv_stride=kv_stride, kernel="sdpa")  # on CPU "auto" shares the scores
     x = torch.randn(2, 8, 7, 6, requires_grad=True)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         layer(x).sum().backward()
@@ -495,3 +507,95 @@ def test_half_precision_tokens_survive_features_whose_squares_overflow() -> None
     full = prototype_tokens(x, weight, bias)
     assert torch.isfinite(half).all()
     torch.testing.assert_close(half.float(), full, atol=2e-2, rtol=2e-2)
+
+
+# --- kernel="shared": both directions of a pair from one score matrix ------------------------------
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of a few rows, so that the column softmax really runs online over several blocks
+    and the last block is partial (the layer's own sizes fit one block)."""
+    monkeypatch.setattr(shared_module, "BLOCK_ELEMENTS", 64)
+
+
+def _both_kernels(values: str, dtype: torch.dtype, shape: tuple[int, ...] = (4, 6, 3, 5)) -> tuple[Call, Call]:
+    """The same halves-paired call with kernel="shared" and kernel="sdpa"."""
+    torch.manual_seed(0)
+    layer = ForegroundPrototypeAttention(shape[1], key_channels=4, values=values).to(dtype)
+    x = torch.randn(*shape, dtype=dtype)
+    return _call(layer, x, None, kernel="shared"), _call(layer, x, None, kernel="sdpa")
+
+
+def _value_and_grads(call: Call) -> tuple[torch.Tensor, ...]:
+    inputs = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) else t for t in call.args]
+    out = foreground_prototype_attention(*inputs, **call.kwargs)  # type: ignore[arg-type]
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)  # not a plain sum: x's gradient would cancel
+    grads = torch.autograd.grad((out * weights).sum(), [t for t in inputs if isinstance(t, torch.Tensor)])
+    return (out, *grads)
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("values", VALUES)
+def test_shared_kernel_equals_sdpa_over_many_blocks(values: str) -> None:
+    assert shared_module._rows_per_block(2, 15) == 2  # 8 blocks, the last of one row
+    shared, sdpa = _both_kernels(values, torch.float64)
+    for got, want in zip(_value_and_grads(shared), _value_and_grads(sdpa)):
+        torch.testing.assert_close(got, want, **TOL64)
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("partner_values", [False, True])
+def test_shared_kernel_gradcheck_over_many_blocks(partner_values: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    # large scores: the running column maxima grow from block to block and rescale the sums
+    query = (4 * torch.randn(4, 7, 3, generator=gen, dtype=torch.float64)).requires_grad_()
+    value = torch.randn(4, 7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert shared_module._rows_per_block(2, 7) == 4
+    torch.autograd.gradcheck(lambda q, v: shared_score_attention(q, v, partner_values=partner_values), (query, value))
+
+
+@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.parametrize("values", VALUES)
+def test_shared_kernel_equals_sdpa_on_large_scores(values: str) -> None:
+    # scores in the hundreds: each block's columns hold maxima far above the previous blocks'
+    gen = torch.Generator().manual_seed(1)
+    query = 12 * torch.randn(4, 15, 5, generator=gen, dtype=torch.float64)
+    value = torch.randn(4, 15, 5, generator=gen, dtype=torch.float64)
+    v = value.roll(2, 0) if values == "partner" else value
+    want = F.scaled_dot_product_attention(query[:, None], query.roll(2, 0)[:, None], v[:, None]).squeeze(1)
+    got = shared_score_attention(query, value, partner_values=values == "partner")
+    torch.testing.assert_close(got, want, **TOL64)
+
+
+@pytest.mark.usefixtures("small_blocks")
+def test_shared_kernel_in_bfloat16_is_as_close_to_float64_as_sdpa() -> None:
+    # bfloat16 products with float32 statistics and sums over the blocks
+    shared, sdpa = _both_kernels("self", torch.bfloat16, shape=(4, 16, 4, 6))
+    exact = _value_and_grads(_both_kernels("self", torch.float64, shape=(4, 16, 4, 6))[1])
+    for got, other, want in zip(_value_and_grads(shared), _value_and_grads(sdpa), exact):
+        error = (got.double() - want).norm() / want.norm()
+        assert error < 1.5 * ((other.double() - want).norm() / want.norm()) + 1e-3
+
+
+def test_auto_kernel_shares_scores_on_cpu_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[torch.dtype] = []
+
+    def spy(query: torch.Tensor, value: torch.Tensor, *, partner_values: bool) -> torch.Tensor:
+        calls.append(query.dtype)
+        return shared_score_attention(query, value, partner_values=partner_values)
+
+    monkeypatch.setattr(fpa_module, "shared_score_attention", spy)
+    x = torch.randn(2, 8, 3, 3)
+    layer = ForegroundPrototypeAttention(8)
+    layer(x)  # halves, float32
+    layer.bfloat16()(x.bfloat16())  # halves, bfloat16
+    layer.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)  # the tokens are float32, the attention runs in autocast's dtype
+    assert calls == [torch.float32, torch.bfloat16, torch.bfloat16]
+    layer(x, torch.randn(2, 8, 3, 3))  # an explicit partner: one direction, SDPA
+    ForegroundPrototypeAttention(8, kv_stride=2)(x)  # pooled keys: the scores are not transposes
+    ForegroundPrototypeAttention(8, kernel="sdpa")(x)
+    ForegroundPrototypeAttention(8).half()(x.half())  # CPU float16 products are slow
+    assert len(calls) == 3
