@@ -241,7 +241,8 @@ def _key_row(row: dict[str, Any]) -> tuple[str, str, tuple[tuple[str, int], ...]
     return row["op"], row["dtype"], tuple(row["sizes"].items())
 
 
-def suite_table(name: str, section: dict[str, Any], device: str) -> list[str]:
+def suite_table(name: str, section: dict[str, Any], device: str, machine: str | None = None) -> list[str]:
+    """One suite's section; ``machine`` is the run's, named again for a section measured on another."""
     lines = [f"### {section['title']}", ""]
     if section.get("unavailable"):
         return lines + [f"Not run: {section['unavailable']}", ""]
@@ -250,7 +251,9 @@ def suite_table(name: str, section: dict[str, Any], device: str) -> list[str]:
     lines += [f"- **{cand}**: {labels.get(cand, cand)}", f"- **{base}**: {labels.get(base, base)}"]
     lines += [f"- {note}" for note in section.get("notes", [])]
     if section.get("git_sha"):
-        lines.append(f"- measured at `{section['git_sha'][:10]}` on {section.get('created', '?')}")
+        where = section.get("machine")
+        elsewhere = f" on another machine, {where}" if where and machine and where != machine else ""
+        lines.append(f"- measured at `{section['git_sha'][:10]}` on {section.get('created', '?')}{elsewhere}")
     lines.append("")
     overhead = section["ratio"] == "overhead"
     ratio_head = "overhead" if overhead else "speed-up"
@@ -451,5 +454,5 @@ def render(results_dir: Path, *, smoke: bool = False) -> str:
             lines.append(f"| {target.text} | **{evaluation['verdict']}** | {detail} |")
         lines += ["", *FPA_FLOOR_NOTE, "", *(ITERATION_NOTE + [""] if device == "cpu" else [])]
         for name, section in data["suites"].items():
-            lines += suite_table(name, section, device)
+            lines += suite_table(name, section, device, data["meta"]["device_name"])
     return "\n".join(lines).rstrip() + "\n"

@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     for name in names:
         suite_start = time.perf_counter()
         section = run_suite(suites.get(name), device, mode, settings, log=lambda line: print(line, flush=True))
-        section.update(git_sha=meta["git_sha"], created=meta["created"], seconds=round(time.perf_counter() - suite_start, 1))
+        section.update(git_sha=meta["git_sha"], created=meta["created"], machine=meta["device_name"],
+                       seconds=round(time.perf_counter() - suite_start, 1))
         data["suites"][name] = section
         print(f"[{name}] done in {section['seconds']:.0f} s", flush=True)
         # written after every suite, so that an interrupted run keeps the suites it finished
