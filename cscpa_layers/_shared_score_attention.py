@@ -16,14 +16,13 @@ both, the pair costs 6·N²·d forward and 14·N²·d backward: 20 instead of 28
 Like a flash kernel, S is never held whole: it is made one block of rows at a time, for all
 pairs at once. The column softmax runs online over the blocks (a running maximum, sum and
 weighted value sum per column, rescaled when the maximum grows). Backward recomputes each
-block of S from the saved log-sum-exps of rows and columns, so the extra memory is a few
+block of S from the saved maxima and sums of rows and columns, so the extra memory is a few
 blocks plus the (B, N) statistics, not N².
 
-On CPU this runs at the matrix-product rate and its element-wise work (two exponentials per
-score forward, two backward) is small against the products: measured at 64², d = 256, float32
-on two cores, it took 0.83x the time of SDPA's forward and backward on the same q, k, v. On
-CUDA the fused SDPA kernels stay the better choice, so FPA's ``kernel="auto"`` uses this only
-on CPU.
+On CPU the products dominate; the element-wise work (two exponentials per score forward, two
+backward) is small against them. Measured at B = 2, 64², d = 256, float32 on a 2-core AMD EPYC,
+forward and backward took 0.88-0.92x the time of SDPA's on the same q, k, v. On CUDA the fused
+SDPA kernels are not measured against it, so FPA's ``kernel="auto"`` uses this only on CPU.
 """
 
 from __future__ import annotations
@@ -35,9 +34,13 @@ from torch import Tensor
 
 from cscpa_layers._checks import without_autocast
 
-# Elements of one (pairs, rows, N) block of S: 2^21 floats (8 MiB in float32) were the fastest
-# of 2^19-2^23 at 64² on a 2-core CPU; the backward holds three such blocks.
-BLOCK_ELEMENTS = 1 << 21
+# Elements of one (pairs, rows, N) block of S: 2^22 (16 MiB in float32). The products that sum
+# over the blocks (the column side's values and gradients) have the block's rows as their inner
+# dimension and read and write a whole (P, N, d) total per block, so small blocks are slow:
+# measured on a 2-core AMD EPYC, forward+backward took 2.75 s / 2.37 s / 2.38 s at 2^21 / 2^22 /
+# 2^23 for B = 8, 64², d = 256, and 3.63 s / 3.17 s / 2.91 s for B = 2, 96². The backward holds
+# three such blocks, so 2^22 keeps them at 48 MiB.
+BLOCK_ELEMENTS = 1 << 22
 
 
 def _rows_per_block(pairs: int, n: int) -> int:

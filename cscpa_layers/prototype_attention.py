@@ -5,9 +5,10 @@ features are their cosine similarities to C channel prototypes, and a cross atte
 the two images' tokens is added back onto the feature map.
 
 Memory: the N x N attention matrix is never formed (``scaled_dot_product_attention`` picks a
-flash or memory-efficient kernel), and neither is the (B, C, N) correlation map inside the
-layer: a linear projection of it is computed as ``(W @ norm(P)) @ norm(F)``, which costs a
-(B, 2d, C) matrix instead.
+flash or memory-efficient kernel; the shared-score kernel of ``_shared_score_attention`` makes
+blocks of rows), and neither is the (B, C, N) correlation map inside the layer: a linear
+projection of it is computed as ``(W @ norm(P)) @ norm(F)``, which costs a (B, 2d, C) matrix
+instead.
 """
 
 from __future__ import annotations
@@ -123,8 +124,9 @@ def foreground_prototype_attention(
 
     where V is :math:`V_x` for ``values="self"`` (the paper's choice) and :math:`V_p` for
     ``values="partner"`` (standard cross attention). The key projection is shared by both
-    images. The attention runs through ``scaled_dot_product_attention``, so the N x N
-    matrix is never materialised by the flash and memory-efficient kernels.
+    images. The N x N matrix is never materialised: the attention runs through
+    ``scaled_dot_product_attention``'s flash and memory-efficient kernels, or (``kernel``)
+    through blocks of rows of one score matrix shared by both directions of a pair.
 
     Args:
         x: features of shape (B, C, H, W).
