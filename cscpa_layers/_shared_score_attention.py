@@ -13,20 +13,22 @@ of each other:
 FLOPs forward and 10·N²·d backward each (the flash backward recomputes S). Computed once for
 both, the pair costs 6·N²·d forward and 14·N²·d backward: 20 instead of 28.
 
-Like a flash kernel, S is never held whole: it is made one block of rows at a time, for all
-pairs at once. The column softmax runs online over the blocks (a running maximum, sum and
-weighted value sum per column, rescaled when the maximum grows). Backward recomputes each
-block of S from the saved maxima and sums of rows and columns, so the extra memory is a few
-blocks plus the (B, N) statistics, not N².
+Like a flash kernel, S is never held whole: it is made one square tile at a time, for all
+pairs at once, and both softmaxes run online over the tiles (a running maximum, sum and
+weighted value sum per row and per column, rescaled when the maximum grows). Backward
+recomputes each tile of S from the saved maxima and sums, so the extra memory is two or three
+tiles plus the (B, N) statistics, not N². Tiles rather than blocks of whole rows: with rows
+of N = 129² scores a block of useful size is large, and the product that writes it ran at
+116 GFLOP/s against 195 for those that read it (2-core AMD EPYC, float32).
 
 On CPU the products dominate; the element-wise work (two exponentials per score forward, two
-backward) is small against them. Measured at B = 2, 64², d = 256, float32 on a 2-core AMD EPYC,
-forward and backward took 0.88-0.92x the time of SDPA's on the same q, k, v. On CUDA the fused
+backward, and the rescaling of the running sums) is small against them. On CUDA the fused
 SDPA kernels are not measured against it, so FPA's ``kernel="auto"`` uses this only on CPU.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -34,17 +36,18 @@ from torch import Tensor
 
 from cscpa_layers._checks import without_autocast
 
-# Elements of one (pairs, rows, N) block of S: 2^22 (16 MiB in float32). The products that sum
-# over the blocks (the column side's values and gradients) have the block's rows as their inner
-# dimension and read and write a whole (P, N, d) total per block, so small blocks are slow:
-# measured on a 2-core AMD EPYC, forward+backward took 2.75 s / 2.37 s / 2.38 s at 2^21 / 2^22 /
-# 2^23 for B = 8, 64², d = 256, and 3.63 s / 3.17 s / 2.91 s for B = 2, 96². The backward holds
-# three such blocks, so 2^22 keeps them at 48 MiB.
-BLOCK_ELEMENTS = 1 << 22
+# Scores in one (P, tile, tile) tile of S, for all P pairs: 2^21 (8 MiB in float32; backward
+# holds three tiles), a side of 1448 for one pair, 724 for four. Forward+backward of the
+# attention alone on a 2-core AMD EPYC, float32, d = 256, at 2^19 / 2^20 / 2^21 / 2^22 / 2^23:
+# 10.9 / 10.5 / 9.9 / 9.4 / 9.1 s for one pair at 129² (rows of S as blocks: 11.4-12.8 s), and
+# 2.48 / 2.38 / 2.48 / 2.35 s at 2^20-2^23 for four pairs at 64²; larger products run faster,
+# and memory keeps the tiles at this size.
+TILE_ELEMENTS = 1 << 21
 
 
-def _rows_per_block(pairs: int, n: int) -> int:
-    return max(1, min(n, BLOCK_ELEMENTS // max(1, pairs * n)))
+def _tile(pairs: int, n: int) -> int:
+    """The side of a square tile of S for ``pairs`` pairs of ``n`` tokens each."""
+    return max(1, min(n, math.isqrt(TILE_ELEMENTS // max(1, pairs))))
 
 
 class SharedScoreAttention(torch.autograd.Function):
@@ -55,7 +58,7 @@ class SharedScoreAttention(torch.autograd.Function):
     (``values="self"``) or ``v = value.roll(B // 2, 0)`` (``values="partner"``).
 
     Products and exponentials run in the tokens' dtype; softmax statistics and the sums over
-    blocks in float32 at least, as in SDPA's reduced-precision kernels.
+    tiles in float32 at least, as in SDPA's reduced-precision kernels.
     """
 
     @staticmethod
@@ -66,36 +69,23 @@ class SharedScoreAttention(torch.autograd.Function):
         q_a = query[:p]  # (P, N, d)
         keys_t = (query[p:] * _scale(d)).transpose(1, 2)  # (P, d, N), the scale folded into b's keys
         v_row, v_col = (value[p:], value[:p]) if partner_values else (value[:p], value[p:])
-        out = query.new_empty(b, n, d)
-        row_max = query.new_empty(p, n, dtype=acc)
-        row_sum = query.new_empty(p, n, dtype=acc)
-        col_max = query.new_full((p, n), float("-inf"), dtype=acc)
-        col_sum = query.new_zeros(p, n, dtype=acc)
-        col_acc = query.new_zeros(p, n, d, dtype=acc)  # sum_i exp(S_ij - col_max_j) V_col[i], (P, N, d)
-        step = _rows_per_block(p, n)
-        scores = query.new_empty(p, step, n)  # S rows [r0, r1), (P, rows, N)
-        weights = query.new_empty(p, step, n)
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            s = torch.bmm(q_a[:, r0:r1], keys_t, out=scores[:, : r1 - r0])  # (P, rows, N)
-            w = weights[:, : r1 - r0]
-            # a's direction: the whole row is in this block, an ordinary softmax. The maxima are
-            # scores, so exact in the tokens' dtype: the subtraction needs no mixed-dtype pass.
-            block_max = s.amax(2, keepdim=True)  # (P, rows, 1)
-            torch.sub(s, block_max, out=w).exp_()
-            block_sum = w.sum(2, keepdim=True, dtype=acc)
-            row_max[:, r0:r1], row_sum[:, r0:r1] = block_max.squeeze(2), block_sum.squeeze(2)
-            out[:p, r0:r1] = torch.bmm(w, v_row).div_(block_sum)  # (P, rows, d)
-            # b's direction: columns span all blocks, so their softmax is accumulated online
-            new_max = torch.maximum(col_max, s.amax(1))  # (P, N)
-            # exp(-inf - finite) = 0 rescales the empty start; all-(-inf) columns cannot occur
-            rescale = (col_max - new_max).exp_()
-            torch.sub(s, new_max.to(s.dtype)[:, None, :], out=w).exp_()
-            col_sum.mul_(rescale).add_(w.sum(1, dtype=acc))
-            col_acc.mul_(rescale[..., None])
-            _accumulate_product(col_acc, w.transpose(1, 2), v_col[:, r0:r1])  # (P, N, d)
-            col_max = new_max
-        torch.div(col_acc, col_sum[..., None], out=out[p:])
+        # running softmax statistics of rows (a's queries) and columns (b's), (P, N)
+        row_max, col_max = (query.new_full((p, n), float("-inf"), dtype=acc) for _ in range(2))
+        row_sum, col_sum = (query.new_zeros(p, n, dtype=acc) for _ in range(2))
+        # running sums of exp(S - max) times the values, (P, N, d)
+        row_acc, col_acc = (query.new_zeros(p, n, d, dtype=acc) for _ in range(2))
+        t = _tile(p, n)
+        buffers = [query.new_empty(p, t, t) for _ in range(2)]
+        for r0 in range(0, n, t):
+            r1 = min(n, r0 + t)
+            for c0 in range(0, n, t):
+                c1 = min(n, c0 + t)
+                s, w = (buf[:, : r1 - r0, : c1 - c0] for buf in buffers)
+                torch.bmm(q_a[:, r0:r1], keys_t[:, :, c0:c1], out=s)  # (P, rows, cols)
+                # a's direction along the rows, then b's along the columns, each online
+                _online_softmax_step(s, w, 2, row_max[:, r0:r1], row_sum[:, r0:r1], row_acc[:, r0:r1], v_row[:, c0:c1])
+                _online_softmax_step(s, w, 1, col_max[:, c0:c1], col_sum[:, c0:c1], col_acc[:, c0:c1], v_col[:, r0:r1])
+        out = torch.cat([row_acc / row_sum[..., None], col_acc / col_sum[..., None]]).to(query.dtype)  # (B, N, d)
         ctx.partner_values = partner_values
         ctx.device_type = query.device.type
         ctx.set_materialize_grads(False)
@@ -122,46 +112,61 @@ class SharedScoreAttention(torch.autograd.Function):
         g_a, g_b = grad[:p], grad[p:]  # (P, N, d)
         row_shift, row_factor = _softmax_shift(row_max, row_sum, query.dtype)
         col_shift, col_factor = _softmax_shift(col_max, col_sum, query.dtype)
-        row_shift, col_shift = row_shift[..., None], col_shift[:, None]  # (P, N, 1), (P, 1, N)
-        row_factor = None if row_factor is None else row_factor[..., None]
-        col_factor = None if col_factor is None else col_factor[:, None]
         # softmax backward's <dOut, out> per query, one per direction, (P, N)
-        dot_a = (g_a * out[:p]).sum(-1, dtype=acc).to(query.dtype)[..., None]
-        dot_b = (g_b * out[p:]).sum(-1, dtype=acc).to(query.dtype)[:, None]
-        grad_query = torch.empty_like(query)
-        grad_value = torch.empty_like(value)
-        grad_v_col = grad_value[p:] if rows_first else grad_value[:p]  # written block by block
-        grad_v_row_out = grad_value[:p] if rows_first else grad_value[p:]
-        # dK_b and dV_row are sums over the blocks: in place in float32 and float64, else in a
-        # float32 buffer copied out at the end
-        if acc == query.dtype:
-            grad_keys, grad_v_row = grad_query[p:].zero_(), grad_v_row_out.zero_()
-        else:
-            grad_keys, grad_v_row = (query.new_zeros(p, n, d, dtype=acc) for _ in range(2))
-        step = _rows_per_block(p, n)
-        buffers = [query.new_empty(p, step, n) for _ in range(3)]
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            s, p_row, p_col = (buf[:, : r1 - r0] for buf in buffers)  # (P, rows, N) each
-            torch.bmm(q_a[:, r0:r1], keys.transpose(1, 2), out=s)
-            torch.sub(s, row_shift[:, r0:r1], out=p_row).exp_()  # a's weights
-            torch.sub(s, col_shift, out=p_col).exp_()  # b's, transposed
-            if row_factor is not None and col_factor is not None:
-                p_row.mul_(row_factor[:, r0:r1])
-                p_col.mul_(col_factor)
-            _accumulate_product(grad_v_row, p_row.transpose(1, 2), g_a[:, r0:r1])  # (P, N, d)
-            torch.bmm(p_col, g_b, out=grad_v_col[:, r0:r1])  # (P, rows, d)
-            # dS = P_row * (dP_row - dot_a) + P_col * (dP_col - dot_b); s is free to reuse
-            torch.bmm(g_a[:, r0:r1], v_row.transpose(1, 2), out=s).sub_(dot_a[:, r0:r1])
-            p_row.mul_(s)
-            torch.bmm(v_col[:, r0:r1], g_b.transpose(1, 2), out=s).sub_(dot_b)
-            p_row.addcmul_(p_col, s)  # dS, (P, rows, N)
-            torch.bmm(p_row, keys, out=grad_query[:p, r0:r1])  # dK_a = dS (K_b / sqrt(d))
-            _accumulate_product(grad_keys, p_row.transpose(1, 2), q_a[:, r0:r1])  # dS^T K_a, unscaled
-        torch.mul(grad_keys, _scale(d), out=grad_query[p:])  # in place where they are the same
-        if grad_v_row is not grad_v_row_out:
-            grad_v_row_out.copy_(grad_v_row)
-        return grad_query, grad_value
+        dot_a = (g_a * out[:p]).sum(-1, dtype=acc).to(query.dtype)
+        dot_b = (g_b * out[p:]).sum(-1, dtype=acc).to(query.dtype)
+        # every gradient is a sum over tiles, kept in float32 at least: dK_a, dK_b (unscaled),
+        # dV_row (over the row tiles) and dV_col (over the column tiles), each (P, N, d)
+        grad_k_a, grad_k_b, grad_v_row, grad_v_col = (query.new_zeros(p, n, d, dtype=acc) for _ in range(4))
+        t = _tile(p, n)
+        buffers = [query.new_empty(p, t, t) for _ in range(3)]
+        for r0 in range(0, n, t):
+            r1 = min(n, r0 + t)
+            rows = slice(r0, r1)
+            for c0 in range(0, n, t):
+                c1 = min(n, c0 + t)
+                cols = slice(c0, c1)
+                s, p_row, p_col = (buf[:, : r1 - r0, : c1 - c0] for buf in buffers)  # (P, rows, cols)
+                torch.bmm(q_a[:, rows], keys[:, cols].transpose(1, 2), out=s)
+                torch.sub(s, row_shift[:, rows, None], out=p_row).exp_()  # a's attention weights
+                torch.sub(s, col_shift[:, None, cols], out=p_col).exp_()  # b's, transposed
+                if row_factor is not None and col_factor is not None:
+                    p_row.mul_(row_factor[:, rows, None])
+                    p_col.mul_(col_factor[:, None, cols])
+                _accumulate_product(grad_v_row[:, cols], p_row.transpose(1, 2), g_a[:, rows])
+                _accumulate_product(grad_v_col[:, rows], p_col, g_b[:, cols])
+                # dS = P_row * (dP_row - dot_a) + P_col * (dP_col - dot_b); s is free to reuse
+                torch.bmm(g_a[:, rows], v_row[:, cols].transpose(1, 2), out=s).sub_(dot_a[:, rows, None])
+                p_row.mul_(s)
+                torch.bmm(v_col[:, rows], g_b[:, cols].transpose(1, 2), out=s).sub_(dot_b[:, None, cols])
+                p_row.addcmul_(p_col, s)  # dS, (P, rows, cols)
+                _accumulate_product(grad_k_a[:, rows], p_row, keys[:, cols])  # dS (K_b / sqrt(d))
+                _accumulate_product(grad_k_b[:, cols], p_row.transpose(1, 2), q_a[:, rows])  # dS^T K_a
+        grad_k_b.mul_(_scale(d))
+        grad_query = torch.cat([grad_k_a, grad_k_b]).to(query.dtype)
+        halves = [grad_v_row, grad_v_col] if rows_first else [grad_v_col, grad_v_row]
+        return grad_query, torch.cat(halves).to(value.dtype)
+
+
+def _online_softmax_step(
+    scores: Tensor, weights: Tensor, dim: int, maxima: Tensor, sums: Tensor, total: Tensor, values: Tensor
+) -> None:
+    """Fold one tile into a running softmax along ``dim`` of ``scores`` (P, rows, cols).
+
+    ``maxima`` and ``sums`` (P, L) and ``total`` (P, L, d) are the running max, sum of
+    ``exp(S - max)`` and sum of ``exp(S - max) @ values`` of the L queries along the other
+    axis, updated in place; ``values`` (P, K, d) are the K keys' values along ``dim``.
+    ``weights`` is a scratch tile of the scores' shape.
+    """
+    new_max = torch.maximum(maxima, scores.amax(dim))  # (P, L)
+    # exp(-inf - finite) = 0 rescales the empty start; all-(-inf) maxima cannot occur
+    rescale = (maxima - new_max).exp_()
+    # the maxima are scores, exact in the tokens' dtype: no mixed-dtype pass over the tile
+    torch.sub(scores, new_max.to(scores.dtype).unsqueeze(dim), out=weights).exp_()
+    sums.mul_(rescale).add_(weights.sum(dim, dtype=sums.dtype))
+    total.mul_(rescale[..., None])
+    _accumulate_product(total, weights if dim == 2 else weights.transpose(1, 2), values)
+    maxima.copy_(new_max)
 
 
 def _softmax_shift(maxima: Tensor, sums: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
@@ -183,7 +188,7 @@ def _scale(d: int) -> float:
 
 
 def _accumulate_product(total: Tensor, left: Tensor, right: Tensor) -> None:
-    """``total += left @ right`` (batched); ``total`` may be of a wider dtype than the factors."""
+    """``total += left @ right`` (batched, in place); ``total`` may be wider than the factors."""
     if total.dtype == left.dtype:
         total.baddbmm_(left, right)
     else:  # reduced-precision factors: the product in their dtype, the sum in total's

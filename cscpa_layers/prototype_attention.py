@@ -6,7 +6,7 @@ the two images' tokens is added back onto the feature map.
 
 Memory: the N x N attention matrix is never formed (``scaled_dot_product_attention`` picks a
 flash or memory-efficient kernel; the shared-score kernel of ``_shared_score_attention`` makes
-blocks of rows), and neither is the (B, C, N) correlation map inside the layer: a linear
+square tiles), and neither is the (B, C, N) correlation map inside the layer: a linear
 projection of it is computed as ``(W @ norm(P)) @ norm(F)``, which costs a (B, 2d, C) matrix
 instead.
 """
@@ -126,7 +126,7 @@ def foreground_prototype_attention(
     ``values="partner"`` (standard cross attention). The key projection is shared by both
     images. The N x N matrix is never materialised: the attention runs through
     ``scaled_dot_product_attention``'s flash and memory-efficient kernels, or (``kernel``)
-    through blocks of rows of one score matrix shared by both directions of a pair.
+    through tiles of one score matrix shared by both directions of a pair.
 
     Args:
         x: features of shape (B, C, H, W).
@@ -155,9 +155,9 @@ def foreground_prototype_attention(
             ``"shared"``: with the batch halves paired (``partner=None``) and
             ``kv_stride=1``, the two directions of a pair share one score matrix, since
             :math:`K_u K_l^\top = (K_l K_u^\top)^\top`: 20 instead of 28 N²·d FLOPs for
-            forward and backward, S made one block of rows at a time (never N x N). Faster
-            on CPU; on CUDA the fused SDPA kernels are. ``"auto"`` (default): ``"shared"``
-            on CPU in float32, float64 and bfloat16 where it applies, else ``"sdpa"``.
+            forward and backward, S made one tile at a time (never N x N); measured
+            faster on CPU, not measured on CUDA. ``"auto"`` (default): ``"shared"`` on CPU
+            in float32, float64 and bfloat16 where it applies, else ``"sdpa"``.
 
     Returns:
         Tensor of shape (B, C, H, W): ``x + F_f``, or ``F_f`` with ``residual=False``.
@@ -252,8 +252,8 @@ def _attention_dtype(query: Tensor) -> torch.dtype:
 def _shared_pays(query: Tensor, dtype: torch.dtype) -> bool:
     """Whether ``kernel="auto"`` shares the scores: on CPU in float32, float64 or bfloat16.
 
-    On CUDA the fused SDPA kernels are faster than the shared kernel's blocks of products,
-    and CPU float16 products are slow.
+    Those are where it was measured faster than SDPA (docs/benchmarks.md); on CUDA, and in
+    float16, it is not measured, so there the fused SDPA kernels stay.
     """
     return query.device.type == "cpu" and dtype in (torch.float32, torch.float64, torch.bfloat16)
 

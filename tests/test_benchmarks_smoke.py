@@ -52,6 +52,7 @@ def test_smoke_run_records_every_suite_with_metadata(smoke_run: tuple[Path, dict
     assert list(data["suites"]) == suites.NAMES
     for name, section in data["suites"].items():
         assert section["git_sha"] == data["meta"]["git_sha"]
+        assert section["machine"] == data["meta"]["device_name"]
         if section.get("unavailable"):
             continue
         assert section["results"], name
@@ -254,3 +255,13 @@ def test_an_interrupted_run_keeps_the_suites_it_finished(tmp_path: Path, monkeyp
     written = json.loads(next(tmp_path.glob("cpu-*-smoke.json")).read_text())
     assert finished == ["masking"] and list(written["suites"]) == ["masking"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_section_from_another_machine_names_it() -> None:
+    # a run may carry sections measured elsewhere (run.py keeps the day's unmeasured suites)
+    section = {"title": "T", "impls": ["fast", "reference"], "ratio": "speed-up", "results": [],
+               "git_sha": "0123456789abcdef", "created": "2026-12-02", "machine": "Intel(R) Xeon(R) Processor"}
+    there = "\n".join(report.suite_table("none", section, "cpu", "AMD EPYC"))
+    assert "measured at `0123456789` on 2026-12-02 on another machine, Intel(R) Xeon(R) Processor" in there
+    here = "\n".join(report.suite_table("none", section, "cpu", "Intel(R) Xeon(R) Processor"))
+    assert "another machine" not in here

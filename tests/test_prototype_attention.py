@@ -513,10 +513,10 @@ def test_half_precision_tokens_survive_features_whose_squares_overflow() -> None
 
 
 @pytest.fixture
-def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks of a few rows, so that the column softmax really runs online over several blocks
-    and the last block is partial (the layer's own sizes fit one block)."""
-    monkeypatch.setattr(shared_module, "BLOCK_ELEMENTS", 64)
+def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiles of a few scores, so that both softmaxes really run online over several tiles and
+    the last tiles are partial (the layer's own sizes fit one tile)."""
+    monkeypatch.setattr(shared_module, "TILE_ELEMENTS", 64)
 
 
 def _both_kernels(values: str, dtype: torch.dtype, shape: tuple[int, ...] = (4, 6, 3, 5)) -> tuple[Call, Call]:
@@ -535,30 +535,30 @@ def _value_and_grads(call: Call) -> tuple[torch.Tensor, ...]:
     return (out, *grads)
 
 
-@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.usefixtures("small_tiles")
 @pytest.mark.parametrize("values", VALUES)
-def test_shared_kernel_equals_sdpa_over_many_blocks(values: str) -> None:
-    assert shared_module._rows_per_block(2, 15) == 2  # 8 blocks, the last of one row
+def test_shared_kernel_equals_sdpa_over_many_tiles(values: str) -> None:
+    assert shared_module._tile(2, 15) == 5  # 3 x 3 tiles
     shared, sdpa = _both_kernels(values, torch.float64)
     for got, want in zip(_value_and_grads(shared), _value_and_grads(sdpa)):
         torch.testing.assert_close(got, want, **TOL64)
 
 
-@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.usefixtures("small_tiles")
 @pytest.mark.parametrize("partner_values", [False, True])
-def test_shared_kernel_gradcheck_over_many_blocks(partner_values: bool) -> None:
+def test_shared_kernel_gradcheck_over_many_tiles(partner_values: bool) -> None:
     gen = torch.Generator().manual_seed(0)
-    # large scores: the running column maxima grow from block to block and rescale the sums
+    # large scores: the running maxima grow from tile to tile and rescale the sums
     query = (4 * torch.randn(4, 7, 3, generator=gen, dtype=torch.float64)).requires_grad_()
     value = torch.randn(4, 7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert shared_module._rows_per_block(2, 7) == 4
+    assert shared_module._tile(2, 7) == 5  # 2 x 2 tiles, three of them partial
     torch.autograd.gradcheck(lambda q, v: shared_score_attention(q, v, partner_values=partner_values), (query, value))
 
 
-@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.usefixtures("small_tiles")
 @pytest.mark.parametrize("values", VALUES)
 def test_shared_kernel_equals_sdpa_on_large_scores(values: str) -> None:
-    # scores in the hundreds: each block's columns hold maxima far above the previous blocks'
+    # scores in the hundreds: each tile holds maxima far above the previous tiles'
     gen = torch.Generator().manual_seed(1)
     query = 12 * torch.randn(4, 15, 5, generator=gen, dtype=torch.float64)
     value = torch.randn(4, 15, 5, generator=gen, dtype=torch.float64)
@@ -568,9 +568,9 @@ def test_shared_kernel_equals_sdpa_on_large_scores(values: str) -> None:
     torch.testing.assert_close(got, want, **TOL64)
 
 
-@pytest.mark.usefixtures("small_blocks")
+@pytest.mark.usefixtures("small_tiles")
 def test_shared_kernel_in_bfloat16_is_as_close_to_float64_as_sdpa() -> None:
-    # bfloat16 products with float32 statistics and sums over the blocks
+    # bfloat16 products with float32 statistics and sums over the tiles
     shared, sdpa = _both_kernels("self", torch.bfloat16, shape=(4, 16, 4, 6))
     exact = _value_and_grads(_both_kernels("self", torch.float64, shape=(4, 16, 4, 6))[1])
     for got, other, want in zip(_value_and_grads(shared), _value_and_grads(sdpa), exact):
