@@ -75,8 +75,10 @@ def run_step(step: dict[str, Any]) -> dict[str, Any]:
         rc, output = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as error:
         rc = 124
-        output = f"{error.stdout or ''}{error.stderr or ''}\nstopped after its limit of {step['limit_s']} s"
-        output = output if isinstance(output, str) else output.decode(errors="replace")
+        # on a timeout the captured output can be bytes even with text=True (CPython's
+        # TimeoutExpired keeps what it read undecoded): decode each part before formatting
+        parts = [p.decode(errors="replace") if isinstance(p, bytes) else (p or "") for p in (error.stdout, error.stderr)]
+        output = f"{parts[0]}{parts[1]}\nstopped after its limit of {step['limit_s']} s"
     seconds = round(time.perf_counter() - start, 1)
     tail = output.strip().splitlines()[-25:]
     return {"name": step["name"], "command": " ".join(step["argv"]), "rc": rc, "seconds": seconds, "tail": tail}

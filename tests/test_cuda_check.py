@@ -53,3 +53,14 @@ def test_an_interpreter_without_torch_is_a_clear_error(tmp_path: Path) -> None:
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "cuda_check.sh"), "--dry-run"], cwd=ROOT,
                           env=dict(os.environ, PYTHON=str(fake)), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "cannot import torch" in done.stderr
+
+
+def test_a_step_past_its_limit_keeps_its_output_as_text() -> None:
+    # TimeoutExpired hands back what it read as bytes even under text=True; the tail must be
+    # the text, not "b'...'"
+    from benchmarks.cuda_check import run_step
+
+    argv = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"]
+    result = run_step({"name": "slow", "argv": argv, "limit_s": 2})
+    assert result["rc"] == 124
+    assert result["tail"][0] == "started" and result["tail"][-1] == "stopped after its limit of 2 s"
