@@ -320,7 +320,8 @@ class ForegroundPrototypeAttention(nn.Module):
         kv_stride: keys and values averaged over ``kv_stride`` x ``kv_stride`` windows (about
             kv_stride² times fewer attention FLOPs); 1, the default, is the paper's exact FPA.
         kernel: ``"auto"``, ``"sdpa"`` or ``"shared"``, how the attention is computed (same
-            result up to rounding); see :func:`foreground_prototype_attention`.
+            result up to rounding); see :func:`foreground_prototype_attention`. Eval mode's
+            ``eval_pairing="self"`` pairs no halves, so it runs SDPA under ``"shared"`` too.
 
     Shape:
         - x: (B, C, H, W), B even in training unless ``partner`` is given.
@@ -378,10 +379,13 @@ class ForegroundPrototypeAttention(nn.Module):
                 f"in shape {tuple(x.shape)}"
             )
         check_bool(residual, "residual")
+        kernel = self.kernel
         if partner is None and not self.training:
             if self.eval_pairing == "identity":
                 return x if residual else torch.zeros_like(x)  # F_f = 0: FPA is skipped
             partner = x
+            # each image with itself is one direction, not a pair: no scores to share
+            kernel = "sdpa" if kernel == "shared" else kernel
         return foreground_prototype_attention(
             x,
             partner,
@@ -395,7 +399,7 @@ class ForegroundPrototypeAttention(nn.Module):
             eps=self.eps,
             kv_stride=self.kv_stride,
             residual=residual,
-            kernel=self.kernel,
+            kernel=kernel,
         )
 
     def extra_repr(self) -> str:

@@ -599,3 +599,10 @@ def test_auto_kernel_shares_scores_on_cpu_where_it_applies(monkeypatch: pytest.M
     ForegroundPrototypeAttention(8, kernel="sdpa")(x)
     ForegroundPrototypeAttention(8).half()(x.half())  # CPU float16 products are slow
     assert len(calls) == 3
+
+
+def test_shared_kernel_layer_in_eval_self_pairing_runs_sdpa() -> None:
+    # eval_pairing="self" pairs each image with itself: one direction, no halves to share scores
+    layer = ForegroundPrototypeAttention(8, eval_pairing="self", kernel="shared").double().eval()
+    x = torch.randn(3, 8, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), _dense(layer, x, x), **TOL64)
