@@ -69,23 +69,30 @@ class SharedScoreAttention(torch.autograd.Function):
         q_a = query[:p]  # (P, N, d)
         keys_t = (query[p:] * _scale(d)).transpose(1, 2)  # (P, d, N), the scale folded into b's keys
         v_row, v_col = (value[p:], value[:p]) if partner_values else (value[:p], value[p:])
+        out = query.new_empty(b, n, d)
         # running softmax statistics of rows (a's queries) and columns (b's), (P, N)
         row_max, col_max = (query.new_full((p, n), float("-inf"), dtype=acc) for _ in range(2))
         row_sum, col_sum = (query.new_zeros(p, n, dtype=acc) for _ in range(2))
-        # running sums of exp(S - max) times the values, (P, N, d)
-        row_acc, col_acc = (query.new_zeros(p, n, d, dtype=acc) for _ in range(2))
+        # running sums of exp(S - max) times the values: the columns' over all row tiles,
+        # (P, N, d), the rows' only while their row tile runs, (P, tile, d)
+        col_acc = query.new_zeros(p, n, d, dtype=acc)
         t = _tile(p, n)
+        row_acc = query.new_empty(p, t, d, dtype=acc)
         buffers = [query.new_empty(p, t, t) for _ in range(2)]
         for r0 in range(0, n, t):
             r1 = min(n, r0 + t)
+            rows = slice(r0, r1)
+            acc_rows = row_acc[:, : r1 - r0].zero_()
             for c0 in range(0, n, t):
                 c1 = min(n, c0 + t)
+                cols = slice(c0, c1)
                 s, w = (buf[:, : r1 - r0, : c1 - c0] for buf in buffers)
-                torch.bmm(q_a[:, r0:r1], keys_t[:, :, c0:c1], out=s)  # (P, rows, cols)
+                torch.bmm(q_a[:, rows], keys_t[:, :, cols], out=s)  # (P, rows, cols)
                 # a's direction along the rows, then b's along the columns, each online
-                _online_softmax_step(s, w, 2, row_max[:, r0:r1], row_sum[:, r0:r1], row_acc[:, r0:r1], v_row[:, c0:c1])
-                _online_softmax_step(s, w, 1, col_max[:, c0:c1], col_sum[:, c0:c1], col_acc[:, c0:c1], v_col[:, r0:r1])
-        out = torch.cat([row_acc / row_sum[..., None], col_acc / col_sum[..., None]]).to(query.dtype)  # (B, N, d)
+                _online_softmax_step(s, w, 2, row_max[:, rows], row_sum[:, rows], acc_rows, v_row[:, cols])
+                _online_softmax_step(s, w, 1, col_max[:, cols], col_sum[:, cols], col_acc[:, cols], v_col[:, rows])
+            torch.div(acc_rows, row_sum[:, rows, None], out=out[:p, rows])  # (P, rows, d)
+        torch.div(col_acc, col_sum[..., None], out=out[p:])
         ctx.partner_values = partner_values
         ctx.device_type = query.device.type
         ctx.set_materialize_grads(False)
@@ -115,14 +122,24 @@ class SharedScoreAttention(torch.autograd.Function):
         # softmax backward's <dOut, out> per query, one per direction, (P, N)
         dot_a = (g_a * out[:p]).sum(-1, dtype=acc).to(query.dtype)
         dot_b = (g_b * out[p:]).sum(-1, dtype=acc).to(query.dtype)
-        # every gradient is a sum over tiles, kept in float32 at least: dK_a, dK_b (unscaled),
-        # dV_row (over the row tiles) and dV_col (over the column tiles), each (P, N, d)
-        grad_k_a, grad_k_b, grad_v_row, grad_v_col = (query.new_zeros(p, n, d, dtype=acc) for _ in range(4))
+        # every gradient is a sum over tiles, kept in float32 at least. dK_a and dV_col sum over
+        # the column tiles of one row tile: a (P, tile, d) total per row tile. dK_b (unscaled)
+        # and dV_row sum over the row tiles: (P, N, d) totals, the outputs themselves where
+        # they are float32 or float64
+        grad_query = torch.empty_like(query)
+        grad_value = torch.empty_like(value)
+        grad_v_row_out, grad_v_col_out = (grad_value[:p], grad_value[p:]) if rows_first else (grad_value[p:], grad_value[:p])
+        if acc == query.dtype:
+            grad_k_b, grad_v_row = grad_query[p:].zero_(), grad_v_row_out.zero_()
+        else:
+            grad_k_b, grad_v_row = (query.new_zeros(p, n, d, dtype=acc) for _ in range(2))
         t = _tile(p, n)
+        tile_totals = [query.new_empty(p, t, d, dtype=acc) for _ in range(2)]
         buffers = [query.new_empty(p, t, t) for _ in range(3)]
         for r0 in range(0, n, t):
             r1 = min(n, r0 + t)
             rows = slice(r0, r1)
+            grad_k_a, grad_v_col = (total[:, : r1 - r0].zero_() for total in tile_totals)  # (P, rows, d)
             for c0 in range(0, n, t):
                 c1 = min(n, c0 + t)
                 cols = slice(c0, c1)
@@ -134,18 +151,20 @@ class SharedScoreAttention(torch.autograd.Function):
                     p_row.mul_(row_factor[:, rows, None])
                     p_col.mul_(col_factor[:, None, cols])
                 _accumulate_product(grad_v_row[:, cols], p_row.transpose(1, 2), g_a[:, rows])
-                _accumulate_product(grad_v_col[:, rows], p_col, g_b[:, cols])
+                _accumulate_product(grad_v_col, p_col, g_b[:, cols])
                 # dS = P_row * (dP_row - dot_a) + P_col * (dP_col - dot_b); s is free to reuse
                 torch.bmm(g_a[:, rows], v_row[:, cols].transpose(1, 2), out=s).sub_(dot_a[:, rows, None])
                 p_row.mul_(s)
                 torch.bmm(v_col[:, rows], g_b[:, cols].transpose(1, 2), out=s).sub_(dot_b[:, None, cols])
                 p_row.addcmul_(p_col, s)  # dS, (P, rows, cols)
-                _accumulate_product(grad_k_a[:, rows], p_row, keys[:, cols])  # dS (K_b / sqrt(d))
+                _accumulate_product(grad_k_a, p_row, keys[:, cols])  # dS (K_b / sqrt(d))
                 _accumulate_product(grad_k_b[:, cols], p_row.transpose(1, 2), q_a[:, rows])  # dS^T K_a
-        grad_k_b.mul_(_scale(d))
-        grad_query = torch.cat([grad_k_a, grad_k_b]).to(query.dtype)
-        halves = [grad_v_row, grad_v_col] if rows_first else [grad_v_col, grad_v_row]
-        return grad_query, torch.cat(halves).to(value.dtype)
+            grad_query[:p, rows].copy_(grad_k_a)
+            grad_v_col_out[:, rows].copy_(grad_v_col)
+        torch.mul(grad_k_b, _scale(d), out=grad_query[p:])  # in place where they are the same
+        if grad_v_row is not grad_v_row_out:
+            grad_v_row_out.copy_(grad_v_row)
+        return grad_query, grad_value
 
 
 def _online_softmax_step(
