@@ -107,6 +107,15 @@ FPA_FLOOR_NOTE = [
     "64², FPA's forward+backward went from 1.35× to 1.16-1.25× bare SDPA in float32 and from 1.24×",
     "to 0.82× in bfloat16 with the shared kernel (`kernel=\"sdpa\"` against `\"shared\"`, same",
     "weights and input).",
+    "",
+    "Memory of the run of 2026-12-07 (code 2480db6): the shared kernel then kept four float32",
+    "(B/2, N, d) gradient totals and concatenated its outputs, so FPA's bfloat16 forward+backward at",
+    "B = 8, 64² needed 270.6 MiB (4.17× less than dense, the memory target's miss) where the SDPA",
+    "kernel had needed 205.9 (2026-12-02). 4ebed29 keeps the two totals that a row tile",
+    "owns at the tile's size and writes the outputs in place: the harness's own measurement of that",
+    "row (`cpu_peak_extra_mib`, a fresh process) then gave 220.4 MiB in bfloat16 (5.1× less) and",
+    "332.2 MiB in float32 (from 390.6), not yet in a full run. The masking row below 10× (9.47×)",
+    "is a kernel this change does not touch; it met the target on the Intel Xeon of 2026-12-01.",
 ]
 
 
