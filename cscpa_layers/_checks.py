@@ -134,6 +134,13 @@ def draw_device(generator: torch.Generator | None, data: torch.device) -> torch.
 DECIMAL_TOLERANCE = 1e-9
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """Autocast's dtype on ``device_type`` where autocast is on there, else None."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def without_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
     """Turn autocast off on ``device_type``: a hand-written backward needs the dtypes its forward saved."""
     if torch.amp.is_autocast_available(device_type):

@@ -21,7 +21,7 @@ from typing import Any, overload
 import torch
 from torch import Tensor
 
-from cscpa_layers._checks import without_autocast
+from cscpa_layers._checks import autocast_dtype, without_autocast
 
 
 def _normalize_backward(grad: Tensor, value: Tensor, norm: Tensor, eps: float, dim: int) -> Tensor:
@@ -278,10 +278,9 @@ def project_out(x: Tensor, attended: Tensor, weight: Tensor, bias: Tensor | None
     """
     b, c, h, w = x.shape
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = torch.promote_types(torch.promote_types(x.dtype, attended.dtype), weight.dtype)
+    dtype = autocast_dtype(device_type) or torch.promote_types(
+        torch.promote_types(x.dtype, attended.dtype), weight.dtype
+    )
     start = x.flatten(2).to(dtype) if residual else None
     params = (weight.to(dtype), None if bias is None else bias.to(dtype))
     with without_autocast(device_type):

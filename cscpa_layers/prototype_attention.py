@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cscpa_layers._checks import (
+    autocast_dtype,
     check_bool,
     check_features,
     check_option,
@@ -211,7 +212,7 @@ def foreground_prototype_attention(
 
     # K = L_k(Phi) and V = L_v(Phi) in one fused projection; Phi is never materialised.
     query, value = prototype_tokens(x.flatten(2), key_weight, key_bias, value_weight, value_bias, eps)
-    dtype = _attention_dtype(query)
+    dtype = autocast_dtype(x.device.type) or query.dtype  # the dtype the attention runs in
     if kernel == "shared" or (kernel == "auto" and partner is None and kv_stride == 1 and _shared_pays(query, dtype)):
         with without_autocast(x.device.type):  # in the dtype SDPA would run in under autocast
             # (B, N, d): both directions of each pair from one score matrix
@@ -239,14 +240,6 @@ def foreground_prototype_attention(
         query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
     ).squeeze(1)  # (B, N, d)
     return project_out(x, attended, out_weight, out_bias, residual=residual)
-
-
-def _attention_dtype(query: Tensor) -> torch.dtype:
-    """The dtype the attention runs in: autocast's where it is on, else the tokens'."""
-    device_type = query.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return query.dtype
 
 
 def _shared_pays(query: Tensor, dtype: torch.dtype) -> bool:

@@ -3,9 +3,11 @@
 The dense comparison (suite ``fpa``) shows the memory FPA saves; both sides do the same N²·d
 attention work, so it says little about speed. The limit that matters is the attention call
 alone: FPA adds the prototypes, the token projections and the output projection around it,
-which grow with N while the attention grows with N². Here the baseline runs exactly FPA's
-attention call, forward and backward, on detached copies of the q, k and v that the layer
-computes for the same input, so the ratio is what FPA costs on top of that call.
+which grow with N while the attention grows with N². Here the baseline runs the attention
+call of FPA's ``kernel="sdpa"``, forward and backward, on detached copies of the q, k and v
+that the layer computes for the same input, so the ratio is what FPA costs on top of that
+call. The ``fpa`` side is the layer with its default ``kernel="auto"``, which on CPU shares
+one score matrix between the two directions of a pair (fewer FLOPs than the baseline).
 """
 
 from __future__ import annotations
