@@ -114,8 +114,13 @@ FPA_FLOOR_NOTE = [
     "kernel had needed 205.9 (2026-12-02). 4ebed29 keeps the two totals that a row tile",
     "owns at the tile's size and writes the outputs in place: the harness's own measurement of that",
     "row (`cpu_peak_extra_mib`, a fresh process) then gave 220.4 MiB in bfloat16 (5.1× less) and",
-    "332.2 MiB in float32 (from 390.6), not yet in a full run. The masking row below 10× (9.47×)",
-    "is a kernel this change does not touch; it met the target on the Intel Xeon of 2026-12-01.",
+    "332.2 MiB in float32 (from 390.6). The `fpa` and `masking` suites were run again at b1c9911",
+    "(full mode, idle AMD EPYC, 2026-12-07 13:44-14:11; the other sections are the 2480db6 run's):",
+    "220.5 MiB (5.1× less) and 332.2 MiB (6.8× less), as the harness had measured. The masking",
+    "rows of the 2480db6 run were slower on both sides (fast side 800 µs against 639 µs now at",
+    "129², float32; 20.5 ms against 12.5 ms at B = 8, 513²) and its bfloat16 129² row came out",
+    "at 9.47×, under the 10× target; the same kernel measures 14.4× in this run. No masking code",
+    "changed between the two: a host that ran slower for part of the earlier run.",
 ]
 
 
@@ -321,6 +326,19 @@ def machine_line(meta: dict[str, Any], settings: dict[str, Any], mode: str) -> s
     )
 
 
+def runs_line(data: dict[str, Any]) -> list[str]:
+    """When suites of one day were measured by separate runs, which run measured which suite."""
+    runs: dict[tuple[str, str], list[str]] = {}
+    for name, section in data.get("suites", {}).items():
+        if "git_sha" in section:
+            runs.setdefault((section.get("created", "?"), section["git_sha"][:10]), []).append(f"`{name}`")
+    if len(runs) < 2:
+        return []
+    parts = [f"{', '.join(names)} at `{sha}` ({created})" for (created, sha), names in sorted(runs.items())]
+    return [f"The suites come from {len(runs)} runs of the same settings: {'; '.join(parts)}. The machine "
+            "line above is the latest run's.", ""]
+
+
 def latest_results(results_dir: Path, device: str, *, smoke: bool = False) -> tuple[Path, dict[str, Any]] | None:
     """The newest full run for ``device``, else paper-size, else quick (smoke runs only if asked)."""
     found: list[tuple[int, str, Path, dict[str, Any]]] = []
@@ -433,6 +451,7 @@ def render(results_dir: Path, *, smoke: bool = False) -> str:
         lines += [f"Machine: {machine_line(data['meta'], data['settings'], data['mode'])}", ""]
         source = path.relative_to(ROOT) if ROOT in path.parents else path
         lines += [f"Source: `{source}`.", ""]
+        lines += runs_line(data)
         shares = [data["meta"].get(k) for k in ("cpu_busy_at_start", "cpu_busy_at_end")]
         busiest = max((v for v in shares if v is not None), default=None)
         if device == "cpu" and busiest is not None and busiest > BUSY_FRACTION:

@@ -265,3 +265,16 @@ def test_a_section_from_another_machine_names_it() -> None:
     assert "measured at `0123456789` on 2026-12-02 on another machine, Intel(R) Xeon(R) Processor" in there
     here = "\n".join(report.suite_table("none", section, "cpu", "Intel(R) Xeon(R) Processor"))
     assert "another machine" not in here
+
+
+def test_suites_from_several_runs_of_a_day_are_named_by_run() -> None:
+    def section(sha: str, created: str) -> dict[str, Any]:
+        return {"git_sha": sha, "created": created, "results": []}
+
+    one_run = {"suites": {"fpa": section("aaaaaaaaaa11", "T1"), "pal": section("aaaaaaaaaa11", "T1")}}
+    assert report.runs_line(one_run) == []
+    two_runs = {"suites": {"fpa": section("bbbbbbbbbb22", "T2"), "pal": section("aaaaaaaaaa11", "T1"),
+                           "epa": section("aaaaaaaaaa11", "T1")}}
+    line = "\n".join(report.runs_line(two_runs))
+    assert "2 runs" in line
+    assert "`pal`, `epa` at `aaaaaaaaaa` (T1); `fpa` at `bbbbbbbbbb` (T2)" in line
