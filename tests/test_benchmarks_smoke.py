@@ -83,13 +83,19 @@ def test_markdown_has_a_table_per_suite_and_every_target(smoke_run: tuple[Path, 
 
 
 def test_cpu_peak_memory_sees_the_dense_attention_matrix() -> None:
-    """Fresh-process VmHWM: the dense FPA holds B N² floats at least, the layer much less."""
-    sizes = {"B": 2, "C": 8, "H": 32, "W": 32}
-    matrix_mib = sizes["B"] * (32 * 32) ** 2 * 4 / 2**20  # 8 MiB
+    """Fresh-process VmHWM: the dense FPA holds B N² floats at least, the layer much less.
+
+    At N = 64² the shared-score kernel's square tiles (2^21 scores) are a quarter of one pair's
+    score matrix, so the layer needs about 25 MiB against the dense path's 387 (measured on an
+    AMD EPYC). At 32², which this test used before, one tile holds the whole matrix and the two
+    came within 2.1x of each other, on the edge of the old factor-2 bound.
+    """
+    sizes = {"B": 2, "C": 8, "H": 64, "W": 64}
+    matrix_mib = sizes["B"] * (64 * 64) ** 2 * 4 / 2**20  # 128 MiB
     dense = harness.cpu_peak_extra_mib(Case("fpa", "forward+backward", "reference", "float32", sizes), timeout=120)
     fast = harness.cpu_peak_extra_mib(Case("fpa", "forward+backward", "fast", "float32", sizes), timeout=120)
     assert dense >= matrix_mib
-    assert fast < dense / 2
+    assert fast < matrix_mib / 4  # the layer never holds a pair's whole score matrix
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")
