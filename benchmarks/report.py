@@ -121,6 +121,14 @@ FPA_FLOOR_NOTE = [
     "129², float32; 20.5 ms against 12.5 ms at B = 8, 513²) and its bfloat16 129² row came out",
     "at 9.47×, under the 10× target; the same kernel measures 14.4× in this run. No masking code",
     "changed between the two: a host that ran slower for part of the earlier run.",
+    "",
+    "`fpa_sdpa` ran three times on 2026-12-07, on one code of FPA. Forward+backward overhead in",
+    "float32 at 64² B = 2 / 64² B = 8 / 96² / 129²: 1.13 / 1.27 / 1.00 / 0.95× at 11:13 (a niced",
+    "pytest ran during the B = 8 row), 1.13 / 1.23 / 0.96 / 0.93× at 14:44 (a short command ran",
+    "at its start, so it was marked busy), 1.17 / 1.21 / 1.04 / 0.92× at 15:27 (idle, the table",
+    "below); bfloat16 0.65-0.87×, 0.58-0.84×, 0.63-0.87×. The verdicts agree; the last run's",
+    "absolute times are up to 40% longer on both sides (bare SDPA at 64² B = 2: 988 ms against",
+    "663-710): the host's speed drifts, which is why the targets are ratios measured side by side.",
 ]
 
 
