@@ -85,7 +85,7 @@ def test_markdown_has_a_table_per_suite_and_every_target(smoke_run: tuple[Path, 
 def test_cpu_peak_memory_sees_the_dense_attention_matrix() -> None:
     """Fresh-process VmHWM: the dense FPA holds B N² floats at least, the layer much less.
 
-    At N = 64² the shared-score kernel's square tiles (2^21 scores) are a quarter of one pair's
+    At N = 64² a square tile of the shared-score kernel (2^21 scores) is an eighth of the pair's
     score matrix, so the layer needs about 25 MiB against the dense path's 387 (measured on an
     AMD EPYC). At 32², which this test used before, one tile holds the whole matrix and the two
     came within 2.1x of each other, on the edge of the old factor-2 bound.
