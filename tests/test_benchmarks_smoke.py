@@ -226,7 +226,7 @@ def test_the_sdpa_baseline_runs_fpas_own_attention_call() -> None:
     torch.manual_seed(0)
     layer = ForegroundPrototypeAttention(8)  # the suite's seeded layer and input, rebuilt
     x = torch.randn(4, 8, 5, 3, generator=torch.Generator().manual_seed(0))
-    rebuilt = x + layer.out(attended.squeeze(1)).transpose(1, 2).reshape(x.shape)  # type: ignore[union-attr]
+    rebuilt = x + layer.out(attended.squeeze(1)).transpose(1, 2).reshape(x.shape)  # type: ignore[attr-defined]
     torch.testing.assert_close(rebuilt, fpa_out)
 
 
