@@ -68,7 +68,7 @@ class SharedScoreAttention(torch.autograd.Function):
         acc = torch.promote_types(query.dtype, torch.float32)
         q_a = query[:p]  # (P, N, d)
         keys_t = (query[p:] * _scale(d)).transpose(1, 2)  # (P, d, N), the scale folded into b's keys
-        v_row, v_col = (value[p:], value[:p]) if partner_values else (value[:p], value[p:])
+        v_row, v_col = _row_col_halves(value, partner_values)
         out = query.new_empty(b, n, d)
         # running softmax statistics of rows (a's queries) and columns (b's), (P, N)
         row_max, col_max = (query.new_full((p, n), float("-inf"), dtype=acc) for _ in range(2))
@@ -114,8 +114,7 @@ class SharedScoreAttention(torch.autograd.Function):
         acc = row_max.dtype
         q_a = query[:p]
         keys = query[p:] * _scale(d)  # (P, N, d)
-        rows_first = not ctx.partner_values  # V_row is a's own values under values="self"
-        v_row, v_col = (value[:p], value[p:]) if rows_first else (value[p:], value[:p])
+        v_row, v_col = _row_col_halves(value, ctx.partner_values)
         g_a, g_b = grad[:p], grad[p:]  # (P, N, d)
         row_shift, row_factor = _softmax_shift(row_max, row_sum, query.dtype)
         col_shift, col_factor = _softmax_shift(col_max, col_sum, query.dtype)
@@ -128,7 +127,7 @@ class SharedScoreAttention(torch.autograd.Function):
         # they are float32 or float64
         grad_query = torch.empty_like(query)
         grad_value = torch.empty_like(value)
-        grad_v_row_out, grad_v_col_out = (grad_value[:p], grad_value[p:]) if rows_first else (grad_value[p:], grad_value[:p])
+        grad_v_row_out, grad_v_col_out = _row_col_halves(grad_value, ctx.partner_values)
         if acc == query.dtype:
             grad_k_b, grad_v_row = grad_query[p:].zero_(), grad_v_row_out.zero_()
         else:
@@ -165,6 +164,17 @@ class SharedScoreAttention(torch.autograd.Function):
         if grad_v_row is not grad_v_row_out:
             grad_v_row_out.copy_(grad_v_row)
         return grad_query, grad_value
+
+
+def _row_col_halves(value: Tensor, partner_values: bool) -> tuple[Tensor, Tensor]:
+    """(V_row, V_col) of a (B, N, d) tensor: the halves that a's and b's queries weight.
+
+    a's queries (the rows of S) weight a's own values under ``values="self"`` and b's under
+    ``"partner"``; b's queries (the columns) the other half. The same split serves the values'
+    gradient.
+    """
+    p = value.shape[0] // 2
+    return (value[p:], value[:p]) if partner_values else (value[:p], value[p:])
 
 
 def _online_softmax_step(
