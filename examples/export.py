@@ -3,8 +3,8 @@
     python -m examples.export CHECKPOINT [--out DIR] [--format both|pt2|onnx] [--sample IMAGE]
                               [--atol 1e-4] [--seed 0]
 
-CHECKPOINT is a best.pt or last.pt of the trainer. The network is rebuilt from the checkpoint's
-own config (``DeepLabV3Plus.from_checkpoint``) and exported in eval mode, as predict runs it: FPA with
+CHECKPOINT is a best.pt, last.pt or average.pt of the trainer. The network is rebuilt from the
+checkpoint's own config (``DeepLabV3Plus.from_checkpoint``) and exported in eval mode, as predict runs it: FPA with
 the checkpoint's eval pairing (``self`` unless the run chose ``--fpa-eval identity``) and EPA
 with its stored edge bank, both part of the graph. DIR (default: the checkpoint's folder)
 receives ``<stem>.pt2`` (``torch.export.save``) and ``<stem>.onnx`` (``torch.onnx.export(...,
@@ -231,7 +231,7 @@ def check(name: str, run: Callable[[Tensor], Tensor], model: nn.Module, x: Tenso
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="best.pt or last.pt of python -m examples.train_busi")
+    parser.add_argument("checkpoint", type=Path, help="best.pt, last.pt or average.pt of python -m examples.train_busi")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (default: the checkpoint's folder)")
     parser.add_argument("--format", choices=FORMATS, default="both", help="what to write: both (default), pt2 (torch.export only) or onnx")
     parser.add_argument("--sample", type=Path, default=None, metavar="IMAGE",

@@ -2,8 +2,8 @@
 
     python -m examples.predict CHECKPOINT INPUT [--out DIR] [--device auto|cpu|cuda]
 
-CHECKPOINT is a best.pt or last.pt written by examples/train_busi.py (it carries the model
-configuration). INPUT is an image file or a folder of images (png, jpg, bmp, tif); files named
+CHECKPOINT is a best.pt, last.pt or average.pt written by examples/train_busi.py (it carries
+the model configuration). INPUT is an image file or a folder of images (png, jpg, bmp, tif); files named
 like masks (`*_mask*.png`) are skipped. For each image, DIR receives `<name>_pred.png` (the mask,
 0/255, at the image's original size) and `<name>_overlay.png` (prediction tinted red).
 """
@@ -44,7 +44,7 @@ def inputs(path: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="best.pt or last.pt from examples/train_busi.py")
+    parser.add_argument("checkpoint", type=Path, help="best.pt, last.pt or average.pt from examples/train_busi.py")
     parser.add_argument("input", type=Path, help="an image file or a folder of images")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default %(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default %(default)s)")

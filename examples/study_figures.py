@@ -4,8 +4,9 @@
   CSC-PA's; points above the diagonal are images CSC-PA segments better.
 - :func:`difference_grid`: the test images where the two differ most, each as image (ground
   truth outlined), SupOnly's prediction and CSC-PA's, from the checkpoints each unit selected
-  (``best.pt``, or ``last.pt`` with ``--select last``); folds whose checkpoints are gone (a
-  study restored from its committed results) are left out, and nothing is drawn without any.
+  (``best.pt``, ``last.pt`` with ``--select last``, ``average.pt`` with ``--select average``);
+  folds whose checkpoints are gone (a study restored from its committed results) are left out,
+  and nothing is drawn without any.
 
 Both need matplotlib (the ``examples`` extra).
 """
@@ -57,8 +58,11 @@ def per_image_scatter(pairs: Sequence[tuple[int, str, float, float]], path: Path
 
 
 def _selected_checkpoint(unit_dir: Path) -> Path:
-    best = unit_dir / "best.pt"
-    return best if best.exists() else unit_dir / "last.pt"
+    """What the unit scored on test: average.pt (--select average), else best.pt, else last.pt."""
+    for name in ("average.pt", "best.pt"):
+        if (unit_dir / name).exists():
+            return unit_dir / name
+    return unit_dir / "last.pt"
 
 
 def _predictions(unit_dir: Path, samples: list[Any], device: torch.device) -> list[np.ndarray]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from examples.engine.ema import WeightAverage
+from examples.engine.ema import EpochAverage, WeightAverage
 
 
 def _net() -> nn.Sequential:
@@ -86,3 +86,48 @@ def test_state_round_trip_continues_exactly() -> None:
 def test_a_decay_outside_the_open_interval_is_refused(decay: object) -> None:
     with pytest.raises(ValueError, match="decay must be a float in \\(0, 1\\)"):
         WeightAverage(_net(), decay)  # type: ignore[arg-type]
+
+
+def test_epoch_average_is_the_plain_mean_of_what_was_added() -> None:
+    model = _net()
+    average = EpochAverage()
+    seen = []
+    for _ in range(3):
+        _perturb(model, 0.5)
+        average.add(model)
+        seen.append([p.detach().clone() for p in model.parameters()])
+    with torch.no_grad():
+        model[1].running_mean.fill_(7.0)  # the buffers come from the network passed to average()
+    averaged = average.average(model)
+    for a, *ps in zip(averaged.parameters(), *seen):
+        torch.testing.assert_close(a, sum(ps) / 3, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(a, ps[-1], atol=1e-2)  # not the last epoch's weights
+        assert not a.requires_grad
+    assert torch.equal(averaged[1].running_mean, model[1].running_mean) and not averaged.training
+    assert average.count == 3 and all(s.dtype == torch.float64 for s in average.sums)
+    # the network itself is left alone
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), seen[-1]))
+
+
+def test_epoch_average_round_trips_through_its_state() -> None:
+    model = _net()
+    whole, cut = EpochAverage(), EpochAverage()
+    for step in range(4):
+        _perturb(model, 0.3)
+        whole.add(model)
+        cut.add(model)
+        if step == 1:
+            resumed = EpochAverage()
+            resumed.load_state_dict(cut.state_dict())
+            cut = resumed
+    for a, b in zip(whole.average(model).parameters(), cut.average(model).parameters()):
+        assert torch.equal(a, b)
+
+
+def test_epoch_average_refuses_nothing_and_other_networks() -> None:
+    with pytest.raises(ValueError, match="nothing was added"):
+        EpochAverage().average(_net())
+    average = EpochAverage()
+    average.add(_net())
+    with pytest.raises(ValueError, match="parameters differ"):
+        average.add(nn.Conv2d(3, 4, 3))

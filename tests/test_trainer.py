@@ -442,6 +442,10 @@ def test_a_split_without_val_trains_with_select_last(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "last" / "cscpa" / "fold0" / "results.json").read_text())
     assert results["selected_epoch"] == 2 and len(results["history"]) == 2
     assert np.isnan(results["history"][-1]["val_dice"]) and 0.0 <= results["test"]["dice"] <= 1.0
+    # more epochs to average than the run has: all of them (here 2)
+    args = [*TINY, "--split", str(split), "--select", "average", "--average-epochs", "6", "--out", str(tmp_path / "average")]
+    assert train_busi.main(args) == 0
+    assert torch.load(tmp_path / "average" / "cscpa" / "fold0" / "average.pt", weights_only=False)["average_epochs"] == 2
 
 
 @pytest.mark.slow
@@ -527,6 +531,44 @@ def test_resume_with_ema_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     for key, value in a["ema"]["average"].items():
         assert torch.equal(b["ema"]["average"][key], value), key
     assert a["history"] == b["history"]
+
+
+@pytest.mark.slow
+def test_select_average_scores_the_mean_of_the_last_epochs_and_resumes_exactly(tmp_path: Path) -> None:
+    args = [*RESUME, "--ema", "0.9", "--select", "average", "--average-epochs", "2"]
+    assert train_busi.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    # iteration 7 is inside epoch 3, after epoch 2 (the first averaged one) has ended
+    with pytest.raises(SystemExit, match="stopped by --stop-after at iteration 7"):
+        train_busi.main([*args, "--out", str(tmp_path / "cut"), "--stop-after", "7"])
+    assert torch.load(tmp_path / "cut" / "cscpa" / "fold0" / "last.pt", weights_only=False)["epoch_average"]["count"] == 1
+    assert train_busi.main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    whole, cut = (torch.load(tmp_path / d / "cscpa" / "fold0" / "average.pt", weights_only=False) for d in ("whole", "cut"))
+    assert whole["average_epochs"] == 2 and whole["epoch"] == 3
+    for key, value in whole["model"].items():
+        assert torch.equal(cut["model"][key], value), key
+    # The weights are the mean of the last two epochs' averages, not the last one's, and the
+    # BatchNorm statistics were re-estimated for them.
+    last = torch.load(tmp_path / "whole" / "cscpa" / "fold0" / "last.pt", weights_only=False)["ema"]["average"]
+    assert any(not torch.equal(whole["model"][k], v) for k, v in last.items() if k.endswith(".weight"))
+    assert any(not torch.equal(whole["model"][k], v) for k, v in last.items() if k.endswith("running_mean"))
+    results = json.loads((tmp_path / "whole" / "cscpa" / "fold0" / "results.json").read_text())
+    assert results["config"]["select"] == "average" and 0.0 <= results["test"]["dice"] <= 1.0
+
+
+@pytest.mark.slow
+def test_an_average_of_one_epoch_is_the_last_epochs_weights(tmp_path: Path) -> None:
+    args = [*RESUME, "--ema", "0.9", "--select", "average", "--average-epochs", "1", "--out", str(tmp_path)]
+    assert train_busi.main(args) == 0
+    average = torch.load(tmp_path / "cscpa" / "fold0" / "average.pt", weights_only=False)["model"]
+    last = torch.load(tmp_path / "cscpa" / "fold0" / "last.pt", weights_only=False)["ema"]["average"]
+    weights = [k for k in last if k.endswith((".weight", ".bias")) and "bn" not in k]
+    assert weights and all(torch.equal(average[k], last[k]) for k in weights)
+
+
+def test_average_epochs_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--select", "average", "--average-epochs", "0"])
+    assert "--average-epochs must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_ema_must_be_below_one(capsys: pytest.CaptureFixture[str]) -> None:

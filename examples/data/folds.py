@@ -67,10 +67,10 @@ def fold_data(dataset: SegmentationDataset, path: Path, config: TrainConfig) -> 
     """Fold ``config.fold`` of split file ``path`` at ``config.labeled``, with the training and
     evaluation transforms of ``config``."""
     split = load_split(path, config.fold, config.labeled)
-    if not split.val and config.select != "last":
+    if not split.val and config.select == "best":
         # The checkpoint is chosen on val, never on test: without val there is nothing to choose on.
         raise SystemExit(f"fold {config.fold} of {path} has no val part, so --select best has nothing to choose on: "
-                         "pass --select last (the last epoch is the model), or remake the split with "
+                         "pass --select last (the last epoch is the model) or --select average, or remake the split with "
                          "python -m examples.make_splits --val-fraction 0.1")
     train = TrainTransform(config.crop, base_size=config.resize)
     evaluation = EvalTransform(config.eval_size or config.resize or config.crop)

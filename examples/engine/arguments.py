@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         p.error(f"--head-channels must be >= 1, got {args.head_channels}")
     if not 0.0 <= args.ema < 1.0:
         p.error(f"--ema must be in [0, 1) (0: off), got {args.ema}")
+    if args.average_epochs < 1:
+        p.error(f"--average-epochs must be >= 1, got {args.average_epochs}")
     if args.precise_bn < 0:
         p.error(f"--precise-bn must be >= 0, got {args.precise_bn}")
     if args.fpa_kv_stride < 1:

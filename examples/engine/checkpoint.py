@@ -32,7 +32,7 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
 
 
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The state dict that the trainer saved (``last.pt`` or ``best.pt``), or a clear SystemExit
+    """The state dict that the trainer saved (``last.pt``, ``best.pt`` or ``average.pt``), or a clear SystemExit
     for a missing, unreadable or foreign file."""
     try:
         state = torch.load(path, map_location=device, weights_only=False)

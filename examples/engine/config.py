@@ -140,8 +140,12 @@ class TrainConfig:
     keep_hard: float = 0.7  # k at the start of training, decays as k (1 - t/T)
     fpa_eval: str = cli("self", "FPA at evaluation: pair each image with itself, or skip FPA as the authors did "
                         "(default %(default)s)", group="method", choices=("self", "identity"))
-    select: str = cli("best", "checkpoint scored on test: best val Dice or last epoch (default %(default)s)",
-                      group="model and schedule", choices=("best", "last"))
+    select: str = cli("best", "what is scored on test: the checkpoint of the best val Dice, the last epoch's, or "
+                      "'average', the uniform average of the weights at the ends of the last --average-epochs "
+                      "epochs with its BatchNorm statistics re-estimated (default %(default)s)",
+                      group="model and schedule", choices=("best", "last", "average"))
+    average_epochs: int = cli(6, "with --select average: how many of the last epochs are averaged, all of them in "
+                              "a shorter run (default %(default)s)", group="model and schedule", metavar="N")
     precise_bn: int = cli(0, "before each validation, recompute the BatchNorm running statistics over N training "
                           "batches (changes evaluation only, not training; 0: off, the usual running averages) "
                           "(default %(default)s)", group="model and schedule", metavar="N")

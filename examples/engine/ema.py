@@ -1,4 +1,5 @@
-"""An exponential moving average of a network's weights, for evaluation (``--ema DECAY``).
+"""Averages of a network's weights, for evaluation: an exponential moving average over steps
+(``--ema DECAY``) and a uniform average over the last epochs' ends (``--select average``).
 
 The trainer validates, chooses its checkpoint and tests on the average instead of the
 weights of the last step. Training itself is unchanged: the average never feeds back into
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["WeightAverage"]
+__all__ = ["EpochAverage", "WeightAverage"]
 
 
 class WeightAverage:
@@ -70,3 +71,49 @@ class WeightAverage:
             raise ValueError(f"the saved average has decay {state['decay']}, this run {self.decay}")
         self.updates = int(state["updates"])
         self.average.load_state_dict(state["average"])
+
+
+class EpochAverage:
+    """The uniform average of a network's parameters at the ends of several epochs, for
+    ``--select average`` (stochastic weight averaging, Izmailov et al. 2018, over the last
+    epochs of an ordinary schedule).
+
+    The sums are kept in float64, so the average does not depend on how many epochs were
+    added before a resume. Only parameters are averaged; buffers (BatchNorm statistics,
+    CSC-PA's edge bank and its flag) are those of the network passed to :meth:`average`,
+    and the BatchNorm statistics of the averaged weights must be re-estimated before use.
+    """
+
+    def __init__(self) -> None:
+        self.sums: list[torch.Tensor] = []
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, model: nn.Module) -> None:
+        """Add ``model``'s current parameters to the sums."""
+        params = [p.detach().double() for p in model.parameters()]
+        if not self.sums:
+            self.sums = [p.clone() for p in params]
+        elif len(params) != len(self.sums) or any(p.shape != s.shape for p, s in zip(params, self.sums)):
+            raise ValueError("EpochAverage.add: the network's parameters differ from the ones added before")
+        else:
+            torch._foreach_add_(self.sums, params)
+        self.count += 1
+
+    @torch.no_grad()
+    def average(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` (eval mode, no gradients) whose parameters are the average."""
+        if self.count == 0:
+            raise ValueError("EpochAverage.average: nothing was added")
+        averaged = copy.deepcopy(model).eval()
+        averaged.requires_grad_(False)
+        for p, total in zip(averaged.parameters(), self.sums):
+            p.copy_((total / self.count).to(p.dtype))
+        return averaged
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": [s.cpu() for s in self.sums], "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        self.sums = [s.to(device) for s in state["sums"]]
+        self.count = int(state["count"])

@@ -23,7 +23,7 @@ def trained_config(state: dict[str, Any]) -> TrainConfig:
 
 
 def load_trained(path: Path, device: torch.device | str = "cpu") -> tuple[DeepLabV3Plus, TrainConfig]:
-    """The network of ``last.pt`` / ``best.pt`` at ``path`` in eval mode on ``device``, and its config.
+    """The network of ``last.pt`` / ``best.pt`` / ``average.pt`` at ``path`` in eval mode on ``device``, and its config.
 
     Raises:
         SystemExit: the file is missing, unreadable or not a trainer checkpoint.
