@@ -31,7 +31,7 @@ def test_main_job_defaults_and_overrides() -> None:
     args = parse_args(command[2:])
     assert (args.backbone, args.no_pretrained, args.epochs, args.data) == ("efficientnet_lite0", False, 2, "phantom")
     assert (args.output_stride, args.pretrain_epochs, args.precise_bn, args.epa_gate) == (8, 4, 10, True)
-    assert args.ema == 0.98 and args.select == "best"
+    assert args.ema == 0.98 and (args.select, args.average_epochs) == ("average", 6)
 
 
 def test_a_preset_replaces_the_main_jobs_own_settings() -> None:

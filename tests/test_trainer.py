@@ -245,7 +245,8 @@ def test_help_documents_every_flag() -> None:
     for flag in ("--method", "--no-fpa", "--no-epa", "--no-pal", "--no-masking", "--data", "--split", "--fold", "--labeled",
                  "--backbone", "--crop", "--epochs", "--pretrain-epochs", "--batch", "--lr", "--seed", "--device", "--amp",
                  "--out", "--resume", "--workers", "--sync-bn", "--unsup-weight", "--precise-bn", "--preset",
-                 "--head-channels", "--backbone-lr", "--epa-gate", "--lesion-threshold", "--unsup-rampup"):
+                 "--head-channels", "--backbone-lr", "--epa-gate", "--lesion-threshold", "--unsup-rampup", "--select",
+                 "--average-epochs"):
         assert flag in result.stdout, flag
 
 
