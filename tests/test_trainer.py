@@ -554,6 +554,11 @@ def test_select_average_scores_the_mean_of_the_last_epochs_and_resumes_exactly(t
     assert any(not torch.equal(whole["model"][k], v) for k, v in last.items() if k.endswith("running_mean"))
     results = json.loads((tmp_path / "whole" / "cscpa" / "fold0" / "results.json").read_text())
     assert results["config"]["select"] == "average" and 0.0 <= results["test"]["dice"] <= 1.0
+    # a resume that would average other epochs than the ones the checkpoint holds is refused
+    with pytest.raises(SystemExit, match="stopped by --stop-after at iteration 7"):
+        train_busi.main([*args, "--out", str(tmp_path / "other"), "--stop-after", "7"])
+    with pytest.raises(SystemExit, match="the average needs 2 ended epoch.s., the checkpoint holds 1"):
+        train_busi.main([*args[:-1], "3", "--out", str(tmp_path / "other"), "--resume"])
 
 
 @pytest.mark.slow

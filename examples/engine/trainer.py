@@ -150,10 +150,16 @@ class FoldTrainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         if self.epoch_average is not None:
+            # the sums must hold exactly the averaged epochs that have ended (another --select or
+            # --average-epochs before the stop would leave the wrong ones)
             saved_average = state.get("epoch_average")
-            if saved_average is None and self.epochs_ended > self.config.epochs - min(self.config.average_epochs, self.config.epochs):
-                raise SystemExit(f"cannot resume from {path} with --select average: it was made without it, after "
-                                 f"epochs that the average needs; use the run's own --select or another --out")
+            held = 0 if saved_average is None else int(saved_average["count"])
+            needed = max(0, self.epochs_ended - self._first_averaged_epoch)
+            if held != needed:
+                raise SystemExit(f"cannot resume from {path} with --select average --average-epochs "
+                                 f"{self.config.average_epochs}: the average needs {needed} ended epoch(s), the "
+                                 f"checkpoint holds {held}; resume with the run's own --select and --average-epochs, "
+                                 "or use another --out")
             if saved_average is not None:
                 self.epoch_average.load_state_dict(saved_average, self.device)
         set_rng_state(state["rng"])
@@ -252,7 +258,7 @@ class FoldTrainer:
                                        count=cfg.precise_bn, batch=cfg.batch, rank=self.dist.rank,
                                        world=self.dist.world, workers=cfg.workers, device=self.device)
             reestimate_bn(self.model if self.ema is None else self.ema.average, inputs, autocast=self.autocast)
-        if self.epoch_average is not None and epoch >= cfg.epochs - min(cfg.average_epochs, cfg.epochs):
+        if self.epoch_average is not None and epoch >= self._first_averaged_epoch:
             self.epoch_average.add(self.eval_model)
         val = self._validate(epoch, stats, log)
         self.epochs_ended = epoch + 1
@@ -290,6 +296,11 @@ class FoldTrainer:
 
     def _epoch_means(self) -> dict[str, float]:
         return {f"mean_{k}": v / self.epoch_count for k, v in self.epoch_totals.items()} if self.epoch_count else {}
+
+    @property
+    def _first_averaged_epoch(self) -> int:
+        """--select average: the 0-based index of the first epoch whose end is averaged."""
+        return self.config.epochs - min(self.config.average_epochs, self.config.epochs)
 
     def _averaged_model(self, log: Callable[[str], None]) -> nn.Module:
         """--select average: the averaged weights, with BatchNorm statistics re-estimated over
