@@ -31,9 +31,9 @@ from examples.engine.ema import EpochAverage, WeightAverage
 from examples.engine.evaluate import Evaluation, evaluate
 from examples.engine.results import FoldResult, write_fold_results
 from examples.engine.step import NonFiniteLossError, Step, StepStats
-from examples.engine.trainer_state import CHECKPOINT_VERSION, CheckpointState
 from examples.engine.optim import sgd_poly
 from examples.engine.streams import IndexStream, mix_seed, paired_batches
+from examples.engine.trainer_state import CHECKPOINT_VERSION, CheckpointState
 from examples.models.protocol import edge_container
 
 __all__ = ["CHECKPOINT_VERSION", "FoldTrainer"]
@@ -177,10 +177,7 @@ class FoldTrainer(CheckpointState):
         if self.ema is not None:
             self.ema.copy_buffers()  # the container may have been initialised just now
         if cfg.precise_bn:  # of what validation scores (with --ema the average only); every rank runs its share
-            inputs = precise_bn_inputs(self.data.labeled, self.data.unlabeled if self.step.reads_unlabeled else None,
-                                       self.step.stage1_input, seed=cfg.seed, tag=f"precise-bn-{cfg.fold}-{epoch}",
-                                       count=cfg.precise_bn, batch=cfg.batch, rank=self.dist.rank,
-                                       world=self.dist.world, workers=cfg.workers, device=self.device)
+            inputs = self._bn_inputs(f"precise-bn-{cfg.fold}-{epoch}", cfg.precise_bn, self.dist.rank, self.dist.world)
             reestimate_bn(self.model if self.ema is None else self.ema.average, inputs, autocast=self.autocast)
         if self.epoch_average is not None and epoch >= self._first_averaged_epoch:
             self.epoch_average.add(self.eval_model)
@@ -221,6 +218,13 @@ class FoldTrainer(CheckpointState):
     def _epoch_means(self) -> dict[str, float]:
         return {f"mean_{k}": v / self.epoch_count for k, v in self.epoch_totals.items()} if self.epoch_count else {}
 
+    def _bn_inputs(self, tag: str, count: int, rank: int, world: int) -> Iterator[torch.Tensor]:
+        """``count`` training batches for BatchNorm re-estimation, drawn as a function of the seed and ``tag``."""
+        cfg = self.config
+        return precise_bn_inputs(self.data.labeled, self.data.unlabeled if self.step.reads_unlabeled else None,
+                                 self.step.stage1_input, seed=cfg.seed, tag=tag, count=count, batch=cfg.batch,
+                                 rank=rank, world=world, workers=cfg.workers, device=self.device)
+
     def _averaged_model(self, log: Callable[[str], None]) -> nn.Module:
         """--select average: the averaged weights, with BatchNorm statistics re-estimated over
         max(--precise-bn, AVERAGE_BN_BATCHES) training batches (the running averages belong to
@@ -228,10 +232,7 @@ class FoldTrainer(CheckpointState):
         assert self.epoch_average is not None
         cfg = self.config
         model = self.epoch_average.average(self.eval_model)
-        inputs = precise_bn_inputs(self.data.labeled, self.data.unlabeled if self.step.reads_unlabeled else None,
-                                   self.step.stage1_input, seed=cfg.seed, tag=f"average-{cfg.fold}",
-                                   count=max(cfg.precise_bn, AVERAGE_BN_BATCHES), batch=cfg.batch, rank=0, world=1,
-                                   workers=cfg.workers, device=self.device)
+        inputs = self._bn_inputs(f"average-{cfg.fold}", max(cfg.precise_bn, AVERAGE_BN_BATCHES), rank=0, world=1)
         reestimate_bn(model, inputs, autocast=self.autocast)
         val = float("nan")
         if len(self.data.val) > 0:
