@@ -10,7 +10,7 @@ from types import ModuleType
 
 import pytest
 
-from examples.engine.arguments import parse_args
+from examples.engine.arguments import config_for, parse_args
 from examples.engine.config import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,9 @@ def test_main_job_defaults_and_overrides() -> None:
     assert (args.backbone, args.no_pretrained, args.epochs, args.data) == ("efficientnet_lite0", False, 2, "phantom")
     assert (args.output_stride, args.pretrain_epochs, args.precise_bn, args.epa_gate) == (8, 4, 10, True)
     assert args.ema == 0.98 and (args.select, args.average_epochs) == ("average", 6)
+    assert config_for(args, "cscpa", 0).masking is False
+    # arguments after `main` win: --masking restores the paper's masking
+    assert config_for(parse_args(run.main_job(["--masking"])[2:]), "cscpa", 0).masking is True
 
 
 def test_a_preset_replaces_the_main_jobs_own_settings() -> None:
@@ -40,6 +43,7 @@ def test_a_preset_replaces_the_main_jobs_own_settings() -> None:
     for key, value in PRESETS["cpu"].items():
         assert getattr(args, key) == value, key
     assert (args.no_pretrained, args.data, args.method, args.out) == (False, "/some/BUSI", "both", "runs/quickstart")
+    assert config_for(args, "cscpa", 0).masking is True  # the CPU protocol keeps the paper's masking
 
 
 def test_a_failed_venv_is_removed_and_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -69,8 +69,9 @@ class TrainConfig:
     epa: bool = cli(True, "ablation: no edge prototype attention (and no edge container)", group="method",
                     flag="--no-epa", action="invert")
     pal: bool = cli(True, "ablation: no pixel affinity loss", group="method", flag="--no-pal", action="invert")
-    masking: bool = cli(True, "ablation: stage 2 sees the unmasked unlabeled images", group="method",
-                        flag="--no-masking", action="invert")
+    masking: bool = cli(True, "the paper's confidence masking of the unlabeled images in stage 2; --no-masking "
+                        "shows them unmasked (the README's phantom job, chosen on val there)", group="method",
+                        action="optional")
     data: str = cli("phantom", "a BUSI folder (benign/ malignant/ [normal/]), an images/ + masks/ folder, a name "
                     "registered with examples.data.registry.register_dataset, or 'phantom' for the built-in synthetic "
                     "phantom (default %(default)s)", group="data")
