@@ -13,7 +13,7 @@ import numpy as np
 
 from examples.study_units import METHODS, NAMES, Unit
 
-__all__ = ["bootstrap_ci", "paired_stats", "read_scores", "summarise", "table", "wilcoxon_p"]
+__all__ = ["bootstrap_ci", "paired_scores", "paired_stats", "read_scores", "summarise", "table", "wilcoxon_p"]
 
 
 def read_scores(path: Path) -> dict[str, tuple[float, float]]:
@@ -82,6 +82,18 @@ def summarise(out: Path, units: list[Unit], resamples: int) -> dict[str, Any]:
                               "suponly_iou": a[image][1], "cscpa_iou": b[image][1]})
     paired = {"folds": paired_folds, **paired_stats(np.array(diffs), np.array(iou_diffs), resamples)}
     return {"folds": folds, "methods": methods, "paired": paired, "per_image": image_rows}
+
+
+def paired_scores(baseline: dict[str, tuple[float, float]], candidate: dict[str, tuple[float, float]],
+                  resamples: int) -> dict[str, Any]:
+    """:func:`paired_stats` of candidate − baseline over the images both scored (``read_scores``'
+    id -> (Dice, IoU) maps). Raises ValueError when they share no image."""
+    shared = sorted(set(candidate) & set(baseline))
+    if not shared:
+        raise ValueError("the two share no test image")
+    dice = np.array([candidate[k][0] - baseline[k][0] for k in shared])
+    iou = np.array([candidate[k][1] - baseline[k][1] for k in shared])
+    return paired_stats(dice, iou, resamples)
 
 
 def paired_stats(dice_diffs: np.ndarray, iou_diffs: np.ndarray, resamples: int) -> dict[str, Any]:

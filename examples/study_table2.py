@@ -23,9 +23,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
-from examples.study_stats import paired_stats, read_scores
+from examples.study_stats import paired_scores, read_scores
 
 __all__ = ["table2", "table2_markdown"]
 
@@ -63,12 +61,10 @@ def table2(rows: Sequence[tuple[str, Path]], resamples: int = 10_000) -> dict[st
             "git_sha": results.get("git_sha"),
         }
         if index > 0:
-            shared = sorted(set(scores) & set(base_scores))
-            if not shared:
-                raise ValueError(f"{folder} and the baseline {base_folder} share no test image")
-            dice = np.array([scores[k][0] - base_scores[k][0] for k in shared])
-            iou = np.array([scores[k][1] - base_scores[k][1] for k in shared])
-            row["paired"] = paired_stats(dice, iou, resamples)
+            try:
+                row["paired"] = paired_scores(base_scores, scores, resamples)
+            except ValueError:
+                raise ValueError(f"{folder} and the baseline {base_folder} share no test image") from None
         out.append(row)
     return {"baseline": base_label, "rows": out}
 

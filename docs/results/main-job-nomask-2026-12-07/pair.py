@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, ".")
-from examples.study_stats import paired_stats, read_scores  # noqa: E402
+from examples.study_stats import paired_scores, read_scores  # noqa: E402
 
 RUNS = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
 MASKED = Path("docs/results/main-job-average-2026-12-07")
@@ -20,11 +20,9 @@ def scores(unit: Path) -> dict[str, tuple[float, float]]:
 
 
 def paired(sup: dict, csc: dict) -> dict:
-    ids = sorted(set(sup) & set(csc))
-    d = np.array([csc[i][0] - sup[i][0] for i in ids])
-    u = np.array([csc[i][1] - sup[i][1] for i in ids])
-    return {"n": len(ids), "sup": np.mean([sup[i][0] for i in ids]), "csc": np.mean([csc[i][0] for i in ids]),
-            **paired_stats(d, u, 10_000)}
+    assert set(sup) == set(csc), "both methods are scored on the same test images"
+    return {"sup": np.mean([v[0] for v in sup.values()]), "csc": np.mean([v[0] for v in csc.values()]),
+            **paired_scores(sup, csc, 10_000)}
 
 
 print("| seed | threads | SupOnly | CSC-PA, no masking | paired [95% CI] | Wilcoxon p | better / worse / tied | masked job, same seed and threads |")
